@@ -1,0 +1,107 @@
+"""Multi-head Latent Attention (MLA), expanded form (training and prefill).
+
+Shapes: B batch, T query positions, S key positions, N heads, P qk_nope_head_dim,
+R qk_rope_head_dim, V v_head_dim, C kv_lora_rank (the latent), Q q_lora_rank.
+
+    q        = q_b(norm(q_a(x)))   or q_proj(x)          [B,T,N,P+R]  rows per head [nope|rope]
+    [c ; kr] = kv_a_proj_with_mqa(x)                      [B,T,C+R]
+    c        = kv_a_layernorm(c)                          (the norm covers the latent only)
+    [kn ; v] = kv_b(c)                                    [B,T,N,P+V]  rows per head [k_nope|v]
+    q_rope, kr rotated on adjacent pairs; kr is ONE vector shared by all heads
+    logits   = (q_nope . kn + q_rope . kr) * softmax_scale
+
+The shared rope key is never broadcast to N heads: its logits come from one einsum against
+[B,S,R]. The attention core is chosen in one place (`cfg.attn_impl`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv2_jax.config import DeepseekV2Config
+from dsv2_jax.layers import Linear, RMSNorm, dtype_of
+from dsv2_jax.rope import apply_rope
+
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(segment_ids_q, segment_ids_k, q_positions=None, k_positions=None):
+    """Causal mask [B,1,T,S] that also keeps packed documents apart (equal segment ids)."""
+    T, S = segment_ids_q.shape[1], segment_ids_k.shape[1]
+    if q_positions is None:
+        q_idx = jnp.arange(T)[None, :] + (S - T)
+        k_idx = jnp.arange(S)[None, :]
+    else:
+        q_idx, k_idx = q_positions, k_positions
+    causal = q_idx[:, :, None] >= k_idx[:, None, :]
+    same = segment_ids_q[:, :, None] == segment_ids_k[:, None, :]
+    return (causal & same)[:, None]
+
+
+def mla_attention_reference(q_nope, q_rope, k_nope, k_rope, v, mask, scale):
+    """Plain-jnp MLA core.
+
+    q_nope [B,T,N,P], q_rope [B,T,N,R], k_nope [B,S,N,P], k_rope [B,S,R], v [B,S,N,V],
+    mask [B,1,T,S] bool -> [B,T,N,V]. Softmax in float32.
+    """
+    logits = jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope, preferred_element_type=jnp.float32)
+    logits = logits + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits * scale, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnv->btnv", probs, v)
+
+
+ATTENTION_IMPLS = {"xla": mla_attention_reference}
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: DeepseekV2Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        kw = dict(rngs=rngs, std=cfg.initializer_range, dtype=dt, param_dtype=pdt)
+        D, N = cfg.hidden_size, cfg.num_attention_heads
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(D, N * cfg.qk_head_dim, axes=("embed", "q_heads"), **kw)
+        else:
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, axes=("embed", "q_lora"), **kw)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, param_dtype=pdt, axis_name="q_lora")
+            self.q_b_proj = Linear(cfg.q_lora_rank, N * cfg.qk_head_dim, axes=("q_lora", "q_heads"), **kw)
+        self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                         axes=("embed", "kv_lora"), **kw)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, param_dtype=pdt, axis_name="kv_lora")
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, N * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                axes=("kv_lora", "kv_heads"), **kw)
+        self.o_proj = Linear(N * cfg.v_head_dim, D, axes=("o_heads", "embed"), **kw)
+
+    def latent(self, x, cos, sin):
+        """x [B,T,D] -> (c [B,T,C] normed latent, kr [B,T,R] rotated shared rope key): what a
+        KV cache holds."""
+        C = self.cfg.kv_lora_rank
+        ckv = self.kv_a_proj_with_mqa(x)
+        c, kr = ckv[..., :C], ckv[..., C:]
+        return self.kv_a_layernorm(c), apply_rope(kr, cos, sin)
+
+    def queries(self, x, cos, sin):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, T, cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def __call__(self, x, cos, sin, mask):
+        """x [B,T,D], cos/sin [B,T,R/2], mask [B,1,T,T] -> [B,T,D]."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        N, P = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        q_nope, q_rope = self.queries(x, cos, sin)
+        c, kr = self.latent(x, cos, sin)
+        kv = self.kv_b_proj(c).reshape(B, T, N, P + cfg.v_head_dim)
+        k_nope, v = kv[..., :P], kv[..., P:]
+        out = ATTENTION_IMPLS[cfg.attn_impl](q_nope, q_rope, k_nope, kr, v, mask, cfg.softmax_scale)
+        return self.o_proj(out.reshape(B, T, N * cfg.v_head_dim))

@@ -1,0 +1,187 @@
+"""HF <-> dsv2_jax parameter names: one explicit map, and loading HF safetensors into a model.
+
+Every HF tensor is one parameter of ours or one slice of a stacked one:
+    model.layers.{i}.<rest>        -> segments[s].layers.<rest>[i - first_layer_of_s]
+    ...mlp.experts.{e}.<p>.weight  -> segments[s].layers.mlp.experts.<p>[i - first, e]
+Linear weights are [out, in] in HF and [in, out] here (transposed); embeddings and norms keep
+their layout. Nothing else changes: RoPE is applied to adjacent pairs, so no rope rows are
+permuted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv2_jax.checkpoint import CheckpointError
+from dsv2_jax.checkpoint.safetensors_io import DTYPES, SafetensorsDir
+from dsv2_jax.config import DeepseekV2Config
+from dsv2_jax.layers import dtype_of
+from dsv2_jax.model import DeepseekV2ForCausalLM
+
+_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf_name: str
+    path: tuple  # path of our parameter in nnx.state(model)
+    index: tuple  # leading indices into our (stacked) parameter
+    transpose: bool
+    shape: tuple  # HF shape
+
+
+def _layer_rest(cfg: DeepseekV2Config, moe: bool):
+    """(hf suffix, our sub-path, transpose, expert-indexed) within one decoder layer."""
+    out = [("input_layernorm.weight", ("input_layernorm", "weight"), False),
+           ("post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), False),
+           ("self_attn.kv_a_layernorm.weight", ("self_attn", "kv_a_layernorm", "weight"), False)]
+    linears = ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    if cfg.q_lora_rank is None:
+        linears.append("q_proj")
+    else:
+        linears += ["q_a_proj", "q_b_proj"]
+        out.append(("self_attn.q_a_layernorm.weight", ("self_attn", "q_a_layernorm", "weight"), False))
+    out += [(f"self_attn.{n}.weight", ("self_attn", n, "kernel"), True) for n in linears]
+    projs = ("gate_proj", "up_proj", "down_proj")
+    if moe:
+        out.append(("mlp.gate.weight", ("mlp", "gate", "kernel"), True))
+        if cfg.n_shared_experts:
+            out += [(f"mlp.shared_experts.{p}.weight", ("mlp", "shared_experts", p, "kernel"), True)
+                    for p in projs]
+    else:
+        out += [(f"mlp.{p}.weight", ("mlp", p, "kernel"), True) for p in projs]
+    return [(s, p, t, False) for s, p, t in out] + (
+        [(f"mlp.experts.{{e}}.{p}.weight", ("mlp", "experts", p), True, True) for p in projs]
+        if moe else [])
+
+
+def param_map(cfg: DeepseekV2Config, abstract_state) -> list[Entry]:
+    """All HF tensors of a config, in checkpoint order, with their place in our state."""
+    shapes = {tuple(k): v.shape for k, v in _flat(abstract_state).items()}
+
+    def entry(hf, path, index, transpose):
+        ours = shapes[path][len(index):]
+        return Entry(hf, path, index, transpose, tuple(reversed(ours)) if transpose else tuple(ours))
+
+    entries = [entry("model.embed_tokens.weight", ("embed_tokens", "weight"), (), False)]
+    for s, (kind, first, count) in enumerate(cfg.layer_segments()):
+        for j in range(count):
+            i = first + j
+            for suffix, sub, transpose, per_expert in _layer_rest(cfg, kind == "moe"):
+                path = ("segments", s, "layers") + sub
+                if per_expert:
+                    for e in range(cfg.n_routed_experts):
+                        entries.append(entry(f"model.layers.{i}.{suffix.format(e=e)}", path, (j, e), transpose))
+                else:
+                    entries.append(entry(f"model.layers.{i}.{suffix}", path, (j,), transpose))
+    entries.append(entry("model.norm.weight", ("norm", "weight"), (), False))
+    if not cfg.tie_word_embeddings:
+        entries.append(entry("lm_head.weight", ("lm_head", "kernel"), (), True))
+    return entries
+
+
+def _flat(state) -> dict:
+    return {tuple(k): v for k, v in nnx.to_flat_state(state)}
+
+
+def abstract_model(cfg: DeepseekV2Config):
+    return nnx.eval_shape(lambda: DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def _checkpoint_dtype(src: SafetensorsDir) -> str:
+    """The dtype most bytes of the checkpoint are stored in."""
+    sizes: dict[str, int] = {}
+    for sf in src.files.values():
+        for dt, _, b, e in sf.entries.values():
+            sizes[dt] = sizes.get(dt, 0) + e - b
+    dt = max(sizes, key=sizes.get)
+    return {"BF16": "bfloat16", "F16": "float16"}.get(dt, "float32")
+
+
+def check_tensors(src: SafetensorsDir, entries: list[Entry], allow_fp8: bool = False) -> None:
+    """Missing, unexpected or mis-shaped tensors raise, naming the tensor and both shapes."""
+    expected = {e.hf_name for e in entries}
+    present = set(src.keys())
+    scale_inv = {n for n in present if n.endswith(".weight_scale_inv")}
+    missing = sorted(expected - present)
+    unexpected = sorted(present - expected - (scale_inv if allow_fp8 else set()))
+    if missing:
+        raise CheckpointError(f"{src.path}: missing tensor {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        hint = (" (FP8 scales: this checkpoint is FP8-quantised)" if scale_inv else "")
+        raise CheckpointError(f"{src.path}: unexpected tensor {unexpected[0]!r}"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "") + hint)
+    for e in entries:
+        got = tuple(src.shape(e.hf_name))
+        if got != e.shape:
+            raise CheckpointError(f"{src.file_of(e.hf_name).path}: tensor {e.hf_name!r} has shape "
+                                  f"{got}, config expects {e.shape}")
+
+
+def read_tensor(src: SafetensorsDir, name: str) -> np.ndarray:
+    """One HF tensor as stored; FP8 weights with a `weight_scale_inv` are refused (see
+    `dsv2_jax.checkpoint.fp8` for dequantisation)."""
+    if src.dtype_name(name).startswith("F8"):
+        raise CheckpointError(f"{src.file_of(name).path}: tensor {name!r} is FP8 "
+                              f"({src.dtype_name(name)}); convert with dequantisation first")
+    return src.get(name)
+
+
+def load_state(cfg: DeepseekV2Config, src: SafetensorsDir, abstract_state, *, progress=None) -> dict:
+    """Reads every tensor into host arrays laid out as our state, cast to each parameter's
+    dtype. Returns {path: np.ndarray}."""
+    entries = param_map(cfg, abstract_state)
+    check_tensors(src, entries)
+    flat = _flat(abstract_state)
+    out = {}
+    for e in entries:
+        if e.path not in out:
+            var = flat[e.path]
+            out[e.path] = np.empty(var.shape, np.dtype(var.dtype))
+        arr = read_tensor(src, e.hf_name)
+        out[e.path][e.index] = arr.T if e.transpose else arr
+        if progress is not None:
+            progress(e.hf_name, arr.nbytes)
+    return out
+
+
+def from_pretrained(path, dtype=None, compute_dtype=None, **overrides) -> DeepseekV2ForCausalLM:
+    """Loads an HF directory (single or sharded safetensors; official or transformers-5
+    config.json), tensor by tensor, into a `DeepseekV2ForCausalLM`.
+
+    dtype: parameter dtype (default: the checkpoint's); the router stays float32.
+    compute_dtype: activation dtype (default: the parameter dtype).
+    Any mismatch between config and tensors raises `CheckpointError`; nothing is initialised
+    at random.
+    """
+    path = os.fspath(path)
+    from dsv2_jax.checkpoint import orbax_io
+
+    if orbax_io.is_orbax_checkpoint(path):
+        return orbax_io.load_model(path, dtype=dtype, compute_dtype=compute_dtype, **overrides)
+    cfg = DeepseekV2Config.from_hf(path)
+    src = SafetensorsDir(path)
+    pdt = dtype if dtype is not None else _checkpoint_dtype(src)
+    pdt = jnp.dtype(pdt).name
+    cfg = cfg.replace(param_dtype=pdt, dtype=jnp.dtype(compute_dtype or pdt).name, **overrides)
+    abstract = abstract_model(cfg)
+    graphdef, abs_state = nnx.split(abstract)
+    arrays = load_state(cfg, src, abs_state)
+    return assemble_model(graphdef, abs_state, arrays)
+
+
+def assemble_model(graphdef, abs_state, arrays: dict) -> DeepseekV2ForCausalLM:
+    missing = [p for p in _flat(abs_state) if p not in arrays]
+    if missing:
+        raise CheckpointError(f"no value for parameter {'.'.join(map(str, missing[0]))}")
+    state = nnx.from_flat_state([(p, v.replace(jnp.asarray(arrays[tuple(p)])))
+                                 for p, v in nnx.to_flat_state(abs_state)])
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,195 @@
+"""A small reader and streaming writer for the safetensors format.
+
+Why not the `safetensors` package: its numpy front end cannot represent bfloat16 or FP8, and
+its writers take whole shards in memory. Here a tensor is a zero-copy `np.memmap` view
+(bfloat16 / float8 via ml_dtypes) and a shard is written tensor by tensor, so host memory stays
+bounded by the largest tensor.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the data,
+offsets relative to the data start, covering it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from dsv2_jax.checkpoint import CheckpointError
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """One .safetensors file, validated at open; tensors come back as read-only memmaps."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{path}: truncated safetensors file (header too small)")
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER or 8 + n > size:
+                    raise CheckpointError(f"{path}: corrupted or truncated safetensors header "
+                                          f"(header length {n}, file size {size})")
+                raw = f.read(n)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: shard file is missing") from None
+        try:
+            header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupted safetensors header (invalid JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries = {}
+        end_max = 0
+        for name, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype or a bad "
+                                      f"header entry: {info}") from None
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+                raise CheckpointError(f"{path}: tensor {name!r} offsets {begin}..{end} do not "
+                                      f"match shape {shape} {info['dtype']}")
+            self.entries[name] = (info["dtype"], shape, begin, end)
+            end_max = max(end_max, end)
+        if self.data_start + end_max != size:
+            raise CheckpointError(
+                f"{path}: truncated or corrupted safetensors file: data needs "
+                f"{self.data_start + end_max} bytes, file has {size}")
+        self._mm = None
+
+    def keys(self):
+        return self.entries.keys()
+
+    def dtype_name(self, name: str) -> str:
+        return self.entries[name][0]
+
+    def shape(self, name: str) -> tuple:
+        return self.entries[name][1]
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.entries:
+            raise CheckpointError(f"{self.path}: file does not contain tensor {name!r}")
+        dt, shape, begin, end = self.entries[name]
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._mm[self.data_start + begin: self.data_start + end]
+        return raw.view(DTYPES[dt]).reshape(shape)
+
+    def close(self):
+        self._mm = None
+
+
+class SafetensorsDir:
+    """An HF model directory: one `model.safetensors`, or shards named by
+    `model.safetensors.index.json`. Maps tensor name -> file, checked against the index."""
+
+    INDEX = "model.safetensors.index.json"
+    SINGLE = "model.safetensors"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}
+        index_path = os.path.join(path, self.INDEX)
+        if os.path.exists(index_path):
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+            for name, fname in weight_map.items():
+                self.where[name] = fname
+            for fname in sorted(set(weight_map.values())):
+                self.files[fname] = SafetensorsFile(os.path.join(path, fname))
+            for name, fname in self.where.items():
+                if name not in self.files[fname].entries:
+                    raise CheckpointError(f"{os.path.join(path, fname)}: the index names tensor "
+                                          f"{name!r} but the shard does not contain it")
+            for fname, sf in self.files.items():
+                for name in sf.keys():
+                    if self.where.get(name) != fname:
+                        raise CheckpointError(f"{os.path.join(path, fname)}: tensor {name!r} is not "
+                                              f"listed for this shard in {self.INDEX}")
+        elif os.path.exists(os.path.join(path, self.SINGLE)):
+            sf = SafetensorsFile(os.path.join(path, self.SINGLE))
+            self.files[self.SINGLE] = sf
+            self.where = {name: self.SINGLE for name in sf.keys()}
+        else:
+            raise CheckpointError(f"{path}: no {self.SINGLE} or {self.INDEX}")
+
+    def keys(self):
+        return self.where.keys()
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        if name not in self.where:
+            raise CheckpointError(f"{self.path}: checkpoint has no tensor {name!r}")
+        return self.files[self.where[name]]
+
+    def get(self, name: str) -> np.ndarray:
+        return self.file_of(name).get(name)
+
+    def shape(self, name: str) -> tuple:
+        return self.file_of(name).shape(name)
+
+    def dtype_name(self, name: str) -> str:
+        return self.file_of(name).dtype_name(name)
+
+    def total_bytes(self) -> int:
+        return sum(e[3] - e[2] for sf in self.files.values() for e in sf.entries.values())
+
+
+def write_safetensors(path: str, tensors: Iterable[tuple[str, str, tuple]], produce,
+                      metadata: dict | None = None, on_tensor=None) -> None:
+    """Writes one file streaming: `tensors` lists (name, dtype_name, shape) in file order,
+    `produce(name)` returns each array when its turn comes."""
+    tensors = list(tensors)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dt, shape in tensors:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dt].itemsize
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dt, shape in tensors:
+            arr = np.ascontiguousarray(produce(name))
+            if arr.dtype != DTYPES[dt] or tuple(arr.shape) != tuple(shape):
+                raise CheckpointError(f"{path}: tensor {name!r} is {arr.dtype}{arr.shape}, "
+                                      f"expected {dt}{tuple(shape)}")
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            if on_tensor is not None:
+                on_tensor(name, arr.nbytes)
+            del arr
+
+
+def iter_tensors(d: SafetensorsDir) -> Iterator[tuple[str, np.ndarray]]:
+    for name in d.keys():
+        yield name, d.get(name)

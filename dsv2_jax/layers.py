@@ -1,0 +1,71 @@
+"""Small building blocks: RMSNorm, a Linear with logical axis names, the SwiGLU MLP, the
+embedding. Kernels are stored [in, out]; the HF checkpoint stores Linear weights [out, in]
+(the converter transposes)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name_or_dtype):
+    return DTYPES[name_or_dtype] if isinstance(name_or_dtype, str) else jnp.dtype(name_or_dtype)
+
+
+def normal_param(rngs: nnx.Rngs, shape, std: float, dtype, axes: tuple) -> nnx.Param:
+    """A parameter drawn from N(0, std^2), carrying its logical axis names for sharding."""
+    value = (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, axis_name="norm"):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel, kernel [in, out], no bias (DeepSeek-V2 has none)."""
+
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs, std: float, dtype, param_dtype,
+                 axes: tuple[str, str]):
+        self.kernel = normal_param(rngs, (din, dout), std, param_dtype, axes)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float, dtype, param_dtype,
+                 hidden_axis: str = "mlp"):
+        kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Linear(dim, hidden, axes=("embed", hidden_axis), **kw)
+        self.up_proj = Linear(dim, hidden, axes=("embed", hidden_axis), **kw)
+        self.down_proj = Linear(hidden, dim, axes=(hidden_axis, "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, std: float, dtype, param_dtype):
+        self.weight = normal_param(rngs, (vocab, dim), std, param_dtype, ("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids):
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x):
+        """Tied unembedding: x [..., D] -> logits [..., V]."""
+        return jnp.einsum("...d,vd->...v", x, self.weight[...].astype(self.dtype))
