@@ -34,8 +34,9 @@ class RouterOutput:
     logits: jax.Array  # [T, E] float32
     scores: jax.Array  # [T, E] float32 softmax over all routed experts
     topk_idx: jax.Array  # [T, K] int32 chosen experts
-    topk_weight: jax.Array  # [T, K] float32 combine weights (after norm / scaling)
-    expert_counts: jax.Array  # [E] int32 tokens routed to each expert
+    topk_weight: jax.Array  # [T, K] float32 combine weights (after norm / scaling; 0 if dropped)
+    expert_counts: jax.Array  # [E] int32 tokens routed to each expert (before dropping)
+    keep: jax.Array  # [T, K] bool, False where token dropping removed the assignment
 
 
 def _limit_to_groups(scores, n_groups: int, keep: int):
@@ -79,13 +80,101 @@ class Router(nnx.Module):
         self.kernel = normal_param(rngs, (cfg.hidden_size, cfg.n_routed_experts),
                                    cfg.initializer_range, jnp.float32, ("embed", "exp"))
 
-    def __call__(self, x, *, train: bool = False) -> RouterOutput:
-        """x [T, D] -> RouterOutput."""
+    def __call__(self, x, *, train: bool = False, batch: int = 1) -> RouterOutput:
+        """x [T, D] (batch sequences of T/batch tokens) -> RouterOutput. Token dropping applies
+        only with train=True and a capacity_factor."""
+        cfg = self.cfg
         logits = jnp.einsum("td,de->te", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
         scores = jax.nn.softmax(logits, axis=-1)
-        idx, weight = select_experts(scores, self.cfg, train=train)
-        counts = jnp.bincount(idx.reshape(-1), length=self.cfg.n_routed_experts).astype(jnp.int32)
-        return RouterOutput(logits, scores, idx, weight, counts)
+        idx, weight = select_experts(scores, cfg, train=train)
+        counts = jnp.bincount(idx.reshape(-1), length=cfg.n_routed_experts).astype(jnp.int32)
+        keep = jnp.ones(idx.shape, bool)
+        if train and cfg.capacity_factor is not None:
+            protected = never_drop_tokens(batch, x.shape[0] // batch, cfg.never_drop_fraction)
+            keep = capacity_keep(idx, jnp.take_along_axis(scores, idx, axis=1), protected,
+                                 cfg.n_routed_experts, drop_groups(cfg), cfg.capacity_factor)
+            weight = jnp.where(keep, weight, 0.0)
+        return RouterOutput(logits, scores, idx, weight, counts, keep)
+
+
+# ---------------------------------------------------------------------------------------
+# Token dropping (training only).
+
+
+def drop_groups(cfg: DeepseekV2Config) -> int:
+    """The units a capacity applies to: the device groups, else each expert on its own."""
+    return cfg.num_device_groups or cfg.n_routed_experts
+
+
+def never_drop_tokens(batch: int, seq: int, fraction: float):
+    """[batch*seq] bool: tokens of the first ceil(fraction * batch) sequences of the batch.
+    Training batches are shuffled, so these are a random `fraction` of training sequences."""
+    n = min(batch, math.ceil(fraction * batch - 1e-9))
+    return jnp.repeat(jnp.arange(batch) < n, seq)
+
+
+def capacity_keep(idx, affinity, protected, n_experts: int, n_groups: int, capacity_factor: float):
+    """Which (token, expert) assignments survive a per-group capacity.
+
+    idx, affinity [T, K] (chosen experts and their router scores), protected [T] bool.
+    Each group of n_experts / n_groups experts accepts capacity = ceil(capacity_factor * T*K /
+    n_groups) assignments, the average load times the factor. Over capacity the
+    lowest-affinity assignments are dropped; protected tokens' assignments are never dropped
+    (they are ranked first and kept even beyond capacity).
+    """
+    T, K = idx.shape
+    capacity = math.ceil(capacity_factor * T * K / n_groups)
+    group = (idx // (n_experts // n_groups)).reshape(-1)
+    prot = jnp.repeat(protected, K)
+    # Rank within each group by (protected first, then affinity descending): one stable sort
+    # on a composite key, group-major.
+    priority = affinity.reshape(-1).astype(jnp.float32) + 2.0 * prot
+    order = jnp.lexsort((-priority, group))
+    sorted_group = group[order]
+    first_of_group = jnp.searchsorted(sorted_group, jnp.arange(n_groups))
+    rank_sorted = jnp.arange(T * K) - first_of_group[sorted_group]
+    rank = jnp.zeros(T * K, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+    return ((rank < capacity) | prot).reshape(T, K)
+
+
+# ---------------------------------------------------------------------------------------
+# Balance losses (paper section 2.2.3), computed per sequence when cfg.seq_aux.
+
+
+def balance_losses(r: RouterOutput, cfg: DeepseekV2Config, batch: int, n_groups: int | None = None,
+                   max_groups_per_token: int | None = None) -> dict:
+    """Expert-, device- and communication-level balance losses (unweighted by alpha).
+
+    expert:  sum_i f_i P_i,       f_i = E/(K T) sum_t 1(t chooses i),  P_i = mean_t s_{i,t}
+    device:  sum_d f'_d P'_d,     f'_d = mean_{i in d} f_i,            P'_d = sum_{i in d} P_i
+    comm:    sum_d f''_d P''_d,   f''_d = D/(M T) sum_t 1(t sent to d), P''_d = P'_d
+    T counts the tokens of one sequence (seq_aux) or of the whole batch. The choices counted
+    are the router's top-K before any dropping. D device groups default to
+    cfg.num_device_groups (0: device and comm losses are 0); M defaults to
+    cfg.max_devices_per_token, else min(K, D).
+    """
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    D = n_groups if n_groups is not None else cfg.num_device_groups
+    lanes = batch if cfg.seq_aux else 1
+    scores = r.scores.reshape(lanes, -1, E)
+    idx = r.topk_idx.reshape(lanes, -1, K)
+    T = scores.shape[1]
+    chosen = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32), axis=2)  # [lanes, T, E]
+    f = chosen.sum(axis=1) * (E / (K * T))
+    P = scores.mean(axis=1)
+    out = {"expert": jnp.mean(jnp.sum(f * P, axis=-1))}
+    if D:
+        M = max_groups_per_token or cfg.max_devices_per_token or min(K, D)
+        fd = f.reshape(lanes, D, E // D).mean(-1)
+        Pd = P.reshape(lanes, D, E // D).sum(-1)
+        sent = chosen.reshape(lanes, T, D, E // D).max(-1)  # [lanes, T, D] 0/1
+        fc = sent.sum(axis=1) * (D / (M * T))
+        out["device"] = jnp.mean(jnp.sum(fd * Pd, axis=-1))
+        out["comm"] = jnp.mean(jnp.sum(fc * Pd, axis=-1))
+    else:
+        out["device"] = jnp.zeros((), jnp.float32)
+        out["comm"] = jnp.zeros((), jnp.float32)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,8 +189,11 @@ def gmm_backend(cfg: DeepseekV2Config) -> str:
 
 
 class _RaggedDot:
+    """Rows past sum(group_sizes) (dropped assignments) come out as zeros."""
+
     def __init__(self, group_sizes, rows: int, n_experts: int):
         self.group_sizes = group_sizes
+        self.valid = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
 
     def scatter(self, xs):
         return xs
@@ -110,7 +202,7 @@ class _RaggedDot:
         return jax.lax.ragged_dot(x, w.astype(x.dtype), self.group_sizes)
 
     def gather(self, y):
-        return y
+        return jnp.where(self.valid, y, 0)
 
 
 def _block_size(rows: int, n_experts: int) -> int:
@@ -119,7 +211,8 @@ def _block_size(rows: int, n_experts: int) -> int:
 
 
 class _Blocked:
-    """Rows [M, D] sorted by expert -> blocks [nb, b, D], each block one expert's."""
+    """Rows [M, D] sorted by expert -> blocks [nb, b, D], each block one expert's. Rows past
+    sum(group_sizes) (dropped assignments) go to a scratch row and come back as zeros."""
 
     def __init__(self, group_sizes, rows: int, n_experts: int, block: int | None = None):
         b = block or _block_size(rows, n_experts)
@@ -129,22 +222,25 @@ class _Blocked:
         pstart = jnp.cumsum(padded) - padded
         start = jnp.cumsum(gs) - gs
         expert_of_row = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(rows), side="right")
+        valid = expert_of_row < n_experts
         expert_of_row = jnp.minimum(expert_of_row, n_experts - 1)
-        self.dest = pstart[expert_of_row] + jnp.arange(rows) - start[expert_of_row]
+        self.dest = jnp.where(valid, pstart[expert_of_row] + jnp.arange(rows) - start[expert_of_row],
+                              nb * b)
         block_start = jnp.arange(nb) * b
         self.block_expert = jnp.minimum(
             jnp.searchsorted(jnp.cumsum(padded), block_start, side="right"), n_experts - 1)
         self.b, self.nb = b, nb
 
     def scatter(self, xs):
-        xp = jnp.zeros((self.nb * self.b, xs.shape[-1]), xs.dtype).at[self.dest].set(xs)
-        return xp.reshape(self.nb, self.b, xs.shape[-1])
+        xp = jnp.zeros((self.nb * self.b + 1, xs.shape[-1]), xs.dtype).at[self.dest].set(xs)
+        return xp[:-1].reshape(self.nb, self.b, xs.shape[-1])
 
     def matmul(self, x, w):
         return jnp.einsum("nbd,ndf->nbf", x, w.astype(x.dtype)[self.block_expert])
 
     def gather(self, y):
-        return y.reshape(self.nb * self.b, y.shape[-1])[self.dest]
+        flat = y.reshape(self.nb * self.b, y.shape[-1])
+        return jnp.concatenate([flat, jnp.zeros((1, y.shape[-1]), y.dtype)])[self.dest]
 
 
 _BACKENDS = {"ragged_dot": _RaggedDot, "blocked": _Blocked}
@@ -152,21 +248,25 @@ _BACKENDS = {"ragged_dot": _RaggedDot, "blocked": _Blocked}
 
 def expert_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str):
     """SwiGLU of each row with its expert's weights. xs [M, D] sorted by expert,
-    group_sizes [E] (sum = M), w_gate/w_up [E, D, F], w_down [E, F, D] -> [M, D]."""
+    group_sizes [E] (sum <= M; rows past the sum give zeros), w_gate/w_up [E, D, F],
+    w_down [E, F, D] -> [M, D]."""
     plan = _BACKENDS[backend](group_sizes, xs.shape[0], w_gate.shape[0])
     xp = plan.scatter(xs)
     h = jax.nn.silu(plan.matmul(xp, w_gate)) * plan.matmul(xp, w_up)
     return plan.gather(plan.matmul(h, w_down))
 
 
-def routed_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str):
-    """Dropless routed-expert output: x [T, D], topk_idx/weight [T, K] -> [T, D]."""
+def routed_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str, keep=None):
+    """Routed-expert output: x [T, D], topk_idx/weight [T, K] -> [T, D]. Dropless unless
+    `keep` [T, K] marks assignments removed by token dropping (they are not computed)."""
     T, D = x.shape
     K = topk_idx.shape[1]
     E = w_gate.shape[0]
     flat = topk_idx.reshape(-1)
+    if keep is not None:
+        flat = jnp.where(keep.reshape(-1), flat, E)  # dropped rows sort last, past every group
     order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=E)
+    group_sizes = jnp.bincount(flat, length=E + 1)[:E]
     ys = expert_ffn(x[order // K], group_sizes, w_gate, w_up, w_down, backend)
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(T, K, D)
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), topk_weight).astype(x.dtype)
@@ -196,10 +296,11 @@ class MoE(nnx.Module):
         """x [B, T, D] -> (y [B, T, D], RouterOutput over the B*T tokens)."""
         B, T, D = x.shape
         xt = x.reshape(B * T, D)
-        r = self.gate(xt, train=train)
+        r = self.gate(xt, train=train, batch=B)
         e = self.experts
+        dropping = train and self.cfg.capacity_factor is not None
         y = routed_experts(xt, r.topk_idx, r.topk_weight, e.gate_proj[...], e.up_proj[...],
-                           e.down_proj[...], gmm_backend(self.cfg))
+                           e.down_proj[...], gmm_backend(self.cfg), keep=r.keep if dropping else None)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xt)
         return y.reshape(B, T, D), r

@@ -1,0 +1,82 @@
+"""Orbax checkpoints of the whole training state (params, optimizer, step, counters) and the
+data iterator, with fallback past damaged steps.
+
+Orbax itself never treats a committed-but-damaged step as bad: restoring it raises. Here the
+newest step that restores cleanly wins; damaged ones are moved to `damaged/` in the workdir
+(kept for inspection) and reported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class TrainCheckpoints:
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, log=print):
+        self.directory = os.path.abspath(directory)
+        self.keep, self.async_save, self.log = keep, async_save, log
+        self._open()
+
+    def _open(self):
+        opts = ocp.CheckpointManagerOptions(max_to_keep=self.keep,
+                                            enable_async_checkpointing=self.async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=opts)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iter) -> None:
+        args = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, abstract_state, data_iter):
+        """Restores the newest good step into (state, data_iter). Returns (step, state) or
+        (None, None) when there is no checkpoint at all."""
+        steps = self.steps()
+        if not steps:
+            return None, None
+        for step in reversed(steps):
+            args = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iter is not None:
+                args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+                state = restored["state"]
+                jax.block_until_ready(state)
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                self._quarantine(step)
+                self.log(f"warning: checkpoint step {step} is damaged ({type(e).__name__}: {reason}); "
+                         f"moved to {self._damaged_dir()}, falling back to an earlier step")
+                continue
+            return step, state
+        raise RuntimeError(f"{self.directory}: no checkpoint restores cleanly (damaged steps moved "
+                           f"to {self._damaged_dir()}); remove the workdir to start afresh")
+
+    def _damaged_dir(self) -> str:
+        return os.path.join(os.path.dirname(self.directory), "damaged")
+
+    def _quarantine(self, step: int) -> None:
+        src = os.path.join(self.directory, str(step))
+        os.makedirs(self._damaged_dir(), exist_ok=True)
+        dst = os.path.join(self._damaged_dir(), str(step))
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        if os.path.exists(src):
+            shutil.move(src, dst)
+        self.manager.close()
+        self._open()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,184 @@
+"""`dsv2 train`: the training loop. Rerunning the same command on the same workdir resumes
+from the newest good checkpoint there, with bit-identical losses.
+
+workdir/
+  config.json       the model config the run trains (official form + dsv2_jax knobs)
+  run.json          the training arguments of the first run
+  checkpoints/N/    Orbax: state (params, optimizer, step, counters) + data iterator
+  damaged/N/        checkpoints that failed to restore, moved aside
+  metrics.jsonl     one JSON object per step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv2_jax.config import DeepseekV2Config, load_config
+from dsv2_jax.train import metrics as M
+from dsv2_jax.train.checkpointing import TrainCheckpoints
+from dsv2_jax.train.optim import lr_schedule, make_optimizer
+from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what was kept."""
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    config: str = "tiny"
+    workdir: str = "runs/tiny"
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 256
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    data: str = "stdlib"
+    init_from: str | None = None
+    set: list = dataclasses.field(default_factory=list)
+    lr: float = 3e-3
+    warmup_steps: int | None = None
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    max_nonfinite: int = 10
+    mesh: str | None = None
+    log_every: int = 10
+    peak_tflops: float | None = None
+    stop_after: int | None = None  # stop (with a checkpoint) after this step; for tests
+
+
+def _resolve_config(args: TrainArgs, log) -> DeepseekV2Config:
+    saved = os.path.join(args.workdir, "config.json")
+    if args.init_from:
+        cfg = DeepseekV2Config.from_hf(os.path.join(args.init_from, "config.json"))
+    else:
+        cfg = load_config(args.config)
+    cfg = cfg.with_overrides(args.set)
+    if os.path.exists(saved):
+        prev = DeepseekV2Config.from_hf(saved)
+        if prev != cfg:
+            diff = [f.name for f in dataclasses.fields(cfg) if getattr(prev, f.name) != getattr(cfg, f.name)]
+            raise TrainingError(f"{args.workdir} holds a run of a different config (fields {diff}); "
+                                f"use another --workdir or the same --config/--set")
+    return cfg
+
+
+def _init_params(cfg: DeepseekV2Config, args: TrainArgs):
+    from flax import nnx
+
+    from dsv2_jax.model import DeepseekV2ForCausalLM
+
+    if args.init_from:
+        from dsv2_jax import from_pretrained
+
+        return from_pretrained(args.init_from, dtype=cfg.param_dtype, compute_dtype=cfg.dtype)
+    return DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(params=args.seed))
+
+
+def train(args: TrainArgs, log=print) -> dict:
+    """Runs (or resumes) training; returns the last step's metrics."""
+    if args.mesh:
+        sizes = [int(kv.split("=")[1]) for kv in args.mesh.split(",") if kv]
+        if int(np.prod(sizes)) != 1:
+            raise TrainingError("--mesh with more than one device is not supported yet "
+                                "(expert-parallel meshes come with the sharding work)")
+    if args.batch_size % args.grad_accum:
+        raise TrainingError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    os.makedirs(args.workdir, exist_ok=True)
+    cfg = _resolve_config(args, log)
+    cfg.save(os.path.join(args.workdir, "config.json"))
+    run_json = os.path.join(args.workdir, "run.json")
+    if not os.path.exists(run_json):
+        with open(run_json, "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+
+    from dsv2_jax.train.data import make_train_iter
+
+    data_iter = make_train_iter(args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                                seed=args.seed, vocab_size=cfg.vocab_size)
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(2000, args.steps // 10)
+    schedule = lr_schedule(args.lr, args.steps, warmup, args.schedule)
+    tx = make_optimizer(schedule, weight_decay=args.weight_decay, clip=args.clip)
+
+    ckpts = TrainCheckpoints(os.path.join(args.workdir, "checkpoints"), keep=args.keep_checkpoints, log=log)
+    model = _init_params(cfg, args) if not ckpts.steps() else None
+    if model is None:
+        from flax import nnx
+
+        from dsv2_jax.model import DeepseekV2ForCausalLM
+
+        model = nnx.eval_shape(lambda: DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    fns = ModelFns.from_model(model)
+    params = params_of(model)
+    if ckpts.steps():
+        abstract = jax.eval_shape(lambda p: init_state(p, tx), params)
+        step0, state = ckpts.restore_latest(abstract, data_iter)
+        log(f"resumed from {ckpts.directory}/{step0}")
+    else:
+        step0, state = 0, init_state(params, tx)
+    del model, params
+
+    step_fn = jax.jit(make_train_step(fns, cfg, tx, schedule, args.grad_accum), donate_argnums=0)
+    tokens_per_step = args.batch_size * args.seq_len
+    flops_tok = M.train_flops_per_token(cfg, args.seq_len)
+    peak = (args.peak_tflops * 1e12 if args.peak_tflops else M.peak_flops_per_device(cfg.dtype))
+    peak = peak * jax.device_count() if peak else None
+    mlog = M.MetricsLog(os.path.join(args.workdir, "metrics.jsonl"), step0)
+    last_stop = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    progress = M.Progress(step0, args.steps, args.log_every)
+    consecutive_bad, rec = 0, {}
+    last_saved = step0
+    interrupted = []
+    old_handler = signal.signal(signal.SIGTERM, lambda *a: interrupted.append(1))
+    try:
+        step = step0
+        while step < last_stop:
+            batch = next(data_iter)
+            batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "num_bytes"}
+            t0 = time.perf_counter()
+            state, m = step_fn(state, batch)
+            m = jax.device_get(m)
+            dt = time.perf_counter() - t0
+            step += 1
+            rec = {"step": step, **{k: float(v) for k, v in m.items() if k not in ("finite", "ce_sum")},
+                   "finite": bool(m["finite"]), "step_time": dt, "tokens_per_sec": tokens_per_step / dt}
+            rec["mfu"] = (flops_tok * tokens_per_step / dt / peak) if peak else None
+            rec["nonfinite_total"] = int(jax.device_get(state["nonfinite"]))
+            mlog.write(rec)
+            progress.update(rec)
+            consecutive_bad = 0 if rec["finite"] else consecutive_bad + 1
+            if consecutive_bad >= args.max_nonfinite:
+                ckpts.wait()
+                kept = ckpts.steps()
+                raise TrainingError(
+                    f"loss or gradients were non-finite for {consecutive_bad} consecutive steps "
+                    f"(up to step {step}); stopping. Updates of those steps were skipped; the last "
+                    f"good checkpoint is step {kept[-1] if kept else 'none'} in {ckpts.directory}")
+            if step % args.checkpoint_every == 0 or step == last_stop or interrupted:
+                ckpts.save(step, state, data_iter)
+                last_saved = step
+            if interrupted:
+                log(f"SIGTERM: saved step {step}, stopping")
+                break
+    except KeyboardInterrupt:
+        if step > last_saved:
+            ckpts.save(step, state, data_iter)
+            log(f"interrupted: saved step {step}")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        progress.close()
+        mlog.close()
+        ckpts.close()
+    return rec

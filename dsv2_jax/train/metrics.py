@@ -1,0 +1,98 @@
+"""metrics.jsonl writing, throughput and MFU estimates, progress display."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+from dsv2_jax.config import DeepseekV2Config
+from dsv2_jax.params import count_params
+
+# Dense peak FLOP/s per chip by compute dtype, for the MFU estimate. CPU: the measured
+# float32/bfloat16 matmul peak of the 2-core development machine (shared/PLATFORM_NOTES.md).
+_PEAK_TFLOPS = {
+    ("cpu", "float32"): 0.155, ("cpu", "bfloat16"): 0.13,
+    ("H200", "bfloat16"): 989.0, ("H100", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
+    ("H100", "float32"): 67.0, ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
+    ("TPU v5p", "bfloat16"): 459.0, ("TPU v5 lite", "bfloat16"): 197.0, ("TPU v4", "bfloat16"): 275.0,
+    ("TPU v6 lite", "bfloat16"): 918.0,
+}
+
+
+def peak_flops_per_device(dtype: str) -> float | None:
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return _PEAK_TFLOPS[("cpu", "bfloat16" if dtype == "bfloat16" else "float32")] * 1e12
+    kind = getattr(dev, "device_kind", "")
+    for (name, dt), tf in _PEAK_TFLOPS.items():
+        if name != "cpu" and name in kind and dt == dtype:
+            return tf * 1e12
+    return None
+
+
+def train_flops_per_token(cfg: DeepseekV2Config, seq_len: int) -> float:
+    """6 x active matmul parameters, plus causal attention: per layer and token, q.k and p.v
+    over T/2 keys on average cost 2 N (qk + v) T/2 forward, x3 with the backward pass."""
+    _, active = count_params(cfg)
+    attn = 3 * cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    return 6.0 * active + attn
+
+
+class MetricsLog:
+    """Appends one JSON object per step to workdir/metrics.jsonl (flushed each line)."""
+
+    def __init__(self, path: str, resume_step: int | None):
+        self.path = path
+        if os.path.exists(path):
+            # A resumed run recomputes the steps after its checkpoint: drop their old lines.
+            keep = []
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash
+                    if resume_step is not None and rec.get("step", 0) <= resume_step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+            with open(path, "w") as f:
+                f.writelines(keep)
+        self.f = open(path, "a")
+
+    def write(self, rec: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+        self.f.write(json.dumps(clean) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain lines every `every` steps otherwise."""
+
+    def __init__(self, start: int, total: int, every: int = 10):
+        self.tty = sys.stderr.isatty()
+        self.every = every
+        self.t0 = time.time()
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, rec: dict) -> None:
+        msg = (f"loss {rec['loss']:.4f} ce {rec['ce']:.4f} gnorm {rec['grad_norm']:.3f} "
+               f"lr {rec['lr']:.2e} tok/s {rec['tokens_per_sec']:.0f}")
+        if self.tty:
+            self.bar.set_postfix_str(msg, refresh=False)
+            self.bar.update(1)
+        elif rec["step"] % self.every == 0 or rec["step"] == 1:
+            print(f"step {rec['step']}: {msg}", flush=True)
+
+    def close(self):
+        if self.tty:
+            self.bar.close()

@@ -1,0 +1,140 @@
+"""The training objective and one optimizer step, as pure functions of pytrees.
+
+loss = next-token cross entropy (mean over counted targets)
+     + aux_loss_alpha * expert + device_aux_loss_alpha * device + comm_aux_loss_alpha * comm
+with each balance loss summed over the MoE layers (each layer contributes its own term, as in
+the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dsv2_jax.config import DeepseekV2Config
+from dsv2_jax.moe import balance_losses
+
+
+def cross_entropy(logits, targets, mask):
+    """Sum of -log p(target) over mask, and the mask count. logits [B,T,V] (any float)."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    m = mask.astype(jnp.float32)
+    return jnp.sum((lse - tgt) * m), jnp.sum(m)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFns:
+    """Binds the model's graph to pure functions of a params pytree (nested dict of arrays)."""
+
+    graphdef: Any
+    treedef: Any  # treedef of the nnx.State of Params, for pure dict -> State
+
+    @classmethod
+    def from_model(cls, model):
+        graphdef, state = nnx.split(model, nnx.Param)
+        return cls(graphdef, jax.tree.structure(state))
+
+    def model(self, params):
+        state = jax.tree.unflatten(self.treedef, jax.tree.leaves(params))
+        return nnx.merge(self.graphdef, state)
+
+
+def params_of(model) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def loss_and_stats(fns: ModelFns, cfg: DeepseekV2Config, params, batch, *, train: bool = True):
+    model = fns.model(params)
+    logits, routers = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                            train=train, return_routers=True)
+    ce_sum, n = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    ce = ce_sum / jnp.maximum(n, 1.0)
+    B = batch["inputs"].shape[0]
+    zero = jnp.zeros((), jnp.float32)
+    aux = {"expert": zero, "device": zero, "comm": zero}
+    counts, kept = [], []
+    for r in routers:  # one stacked RouterOutput per MoE segment, leading axis = layer
+        per_layer = jax.vmap(lambda rr: balance_losses(rr, cfg, B))(r)
+        aux = {k: aux[k] + jnp.sum(per_layer[k]) for k in aux}
+        counts.append(r.expert_counts)
+        kept.append(r.keep.astype(jnp.float32).mean(axis=(1, 2)))
+    total = (ce + cfg.aux_loss_alpha * aux["expert"] + cfg.device_aux_loss_alpha * aux["device"]
+             + cfg.comm_aux_loss_alpha * aux["comm"])
+    stats = {"ce": ce, "ce_sum": ce_sum, "tokens": n, "expert_loss": aux["expert"],
+             "device_loss": aux["device"], "comm_loss": aux["comm"]}
+    if counts:
+        c = jnp.concatenate(counts).astype(jnp.float32)  # [L_moe, E]
+        stats["load_max_over_mean"] = jnp.mean(jnp.max(c, -1) / jnp.maximum(jnp.mean(c, -1), 1e-9))
+        stats["load_min_over_mean"] = jnp.mean(jnp.min(c, -1) / jnp.maximum(jnp.mean(c, -1), 1e-9))
+        stats["dropped_fraction"] = 1.0 - jnp.mean(jnp.concatenate(kept))
+    return total, stats
+
+
+def make_train_step(fns: ModelFns, cfg: DeepseekV2Config, tx: optax.GradientTransformation,
+                    schedule: Callable, grad_accum: int = 1):
+    """(state, batch) -> (state, metrics). state = {params, opt_state, step, nonfinite}.
+
+    A step whose loss or gradients are not finite changes nothing but the counters.
+    With grad_accum = A the batch is split into A micro-batches whose gradients are averaged.
+    """
+
+    def grads_of(params, batch):
+        def f(p):
+            return loss_and_stats(fns, cfg, p, batch)
+
+        (loss, stats), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, stats, grads
+
+    def step(state, batch):
+        params = state["params"]
+        if grad_accum == 1:
+            loss, stats, grads = grads_of(params, batch)
+        else:
+            micro = jax.tree.map(lambda a: a.reshape((grad_accum, -1) + a.shape[1:]), batch)
+
+            def acc(carry, mb):
+                loss, stats, grads = grads_of(params, mb)
+                return jax.tree.map(jnp.add, carry, (loss, stats, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params,
+                                                                 jax.tree.map(lambda a: a[0], micro)))
+            total, _ = jax.lax.scan(acc, zeros, micro)
+            loss, stats, grads = jax.tree.map(lambda a: a / grad_accum, total)
+            stats["ce_sum"] = stats["ce_sum"] * grad_accum
+            stats["tokens"] = stats["tokens"] * grad_accum
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {
+            "params": pick(new_params, params),
+            "opt_state": pick(new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+            "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
+        }
+        metrics = dict(stats, loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]),
+                       finite=finite)
+        return new_state, metrics
+
+    return step
+
+
+def init_state(params, tx) -> dict:
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def make_eval_step(fns: ModelFns, cfg: DeepseekV2Config):
+    def step(params, batch):
+        _, stats = loss_and_stats(fns, cfg, params, batch, train=False)
+        return stats["ce_sum"], stats["tokens"]
+
+    return step

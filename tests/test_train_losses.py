@@ -1,0 +1,200 @@
+"""Balance losses, token dropping and training gradients, each against an independent
+reference (hand-written numpy; torch autograd of the HF model)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import hf_reference as ref
+from dsv2_jax import DeepseekV2Config, from_pretrained
+from dsv2_jax.checkpoint.hf import param_map
+from dsv2_jax.moe import RouterOutput, balance_losses, capacity_keep, never_drop_tokens, select_experts
+from dsv2_jax.train.step import ModelFns, loss_and_stats, params_of
+
+
+def _cfg(**kw):
+    base = dict(vocab_size=32, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=8, q_lora_rank=None,
+                qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=8,
+                n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)
+    base.update(kw)
+    return DeepseekV2Config(**base)
+
+
+def _router_out(scores, idx):
+    T, K = idx.shape
+    return RouterOutput(jnp.log(scores), jnp.asarray(scores), jnp.asarray(idx, jnp.int32),
+                        jnp.ones((T, K)), jnp.zeros(scores.shape[1], jnp.int32), jnp.ones((T, K), bool))
+
+
+def _numpy_losses(scores, idx, B, E, K, D, M, seq_aux):
+    """The paper's formulas, written with plain loops."""
+    T_all = scores.shape[0]
+    lanes = B if seq_aux else 1
+    T = T_all // lanes
+    exp_l, dev_l, com_l = [], [], []
+    per = E // D
+    for b in range(lanes):
+        s = scores[b * T:(b + 1) * T]
+        ch = idx[b * T:(b + 1) * T]
+        f = np.zeros(E)
+        for t in range(T):
+            for e in ch[t]:
+                f[e] += 1
+        f *= E / (K * T)
+        P = s.mean(0)
+        exp_l.append(sum(f[i] * P[i] for i in range(E)))
+        fd = [np.mean(f[d * per:(d + 1) * per]) for d in range(D)]
+        Pd = [np.sum(P[d * per:(d + 1) * per]) for d in range(D)]
+        dev_l.append(sum(fd[d] * Pd[d] for d in range(D)))
+        fc = np.zeros(D)
+        for t in range(T):
+            for d in {int(e) // per for e in ch[t]}:
+                fc[d] += 1
+        fc *= D / (M * T)
+        com_l.append(sum(fc[d] * Pd[d] for d in range(D)))
+    return np.mean(exp_l), np.mean(dev_l), np.mean(com_l)
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_balance_losses_match_hand_computation(seq_aux):
+    rng = np.random.default_rng(7)
+    B, S, E, K, D, M = 3, 5, 8, 3, 4, 2
+    cfg = _cfg(n_routed_experts=E, num_experts_per_tok=K, num_device_groups=D,
+               max_devices_per_token=M, seq_aux=seq_aux)
+    logits = rng.normal(size=(B * S, E)) * 2
+    scores = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    idx, _ = select_experts(jnp.asarray(scores, jnp.float32), cfg, train=True)
+    idx = np.asarray(idx)
+    assert all(len({int(e) // (E // D) for e in row}) <= M for row in idx)  # device-limited
+    got = balance_losses(_router_out(scores.astype(np.float32), idx), cfg, B)
+    want = _numpy_losses(scores, idx, B, E, K, D, M, seq_aux)
+    for name, w in zip(("expert", "device", "comm"), want):
+        np.testing.assert_allclose(float(got[name]), w, rtol=1e-5, err_msg=name)
+
+
+def test_balance_losses_are_one_when_perfectly_balanced():
+    # Every expert chosen equally often with uniform scores: f_i = 1, P_i = 1/E -> loss 1.
+    E, K = 4, 2
+    cfg = _cfg(n_routed_experts=E, num_experts_per_tok=K, num_device_groups=2, max_devices_per_token=2)
+    idx = np.array([[0, 1], [2, 3], [0, 2], [1, 3]])
+    scores = np.full((4, E), 1 / E, np.float32)
+    got = balance_losses(_router_out(scores, idx), cfg, 1)
+    assert math.isclose(float(got["expert"]), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(got["device"]), 1.0, rel_tol=1e-6)
+
+
+def test_token_dropping_drops_lowest_affinity_and_spares_protected():
+    rng = np.random.default_rng(3)
+    T, K, E, G = 40, 2, 8, 4
+    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)])
+    idx[:20] = [0, 1]  # overload group 0 (experts 0, 1)
+    aff = rng.uniform(0.05, 0.95, size=(T, K)).astype(np.float32)
+    protected = np.zeros(T, bool)
+    protected[:4] = True
+    cf = 1.0
+    keep = np.asarray(capacity_keep(jnp.asarray(idx), jnp.asarray(aff), jnp.asarray(protected), E, G, cf))
+    cap = math.ceil(cf * T * K / G)
+    group = idx // (E // G)
+    for g in range(G):
+        sel = group == g
+        n = sel.sum()
+        kept = keep & sel
+        prot = sel & protected[:, None]
+        assert prot[prot].all() and keep[prot].all()  # protected assignments never dropped
+        assert kept.sum() == max(min(n, cap), prot.sum())
+        if n > cap:
+            # every dropped unprotected assignment has lower affinity than every kept unprotected one
+            dropped = sel & ~keep
+            kept_unprot = kept & ~prot
+            assert aff[dropped].max() <= aff[kept_unprot].min()
+    assert keep.sum() < T * K  # something was dropped
+
+
+def test_never_drop_fraction():
+    m = np.asarray(never_drop_tokens(10, 3, 0.1))
+    assert m.sum() == 3 and m[:3].all()
+    assert np.asarray(never_drop_tokens(10, 3, 0.0)).sum() == 0
+
+
+def test_no_dropping_at_inference():
+    cfg = _cfg(capacity_factor=0.25)
+    from flax import nnx
+
+    from dsv2_jax.moe import MoE
+
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 9, cfg.hidden_size))
+    _, r_eval = moe(x, train=False)
+    _, r_train = moe(x, train=True)
+    assert bool(r_eval.keep.all())
+    assert not bool(r_train.keep.all())
+
+
+def test_gradients_match_torch_autograd(tmp_path):
+    """d(cross entropy)/d(every parameter) against torch autograd through the HF model."""
+    kw = dict(ref.V2, rope_parameters=ref.YARN)
+    hf = ref.build(kw, seed=11)
+    path = ref.save(hf, str(tmp_path / "hf"))
+    model = from_pretrained(path)
+    cfg = model.cfg.replace(aux_loss_alpha=0.0)
+    B, T = 2, 12
+    ids = np.random.default_rng(12).integers(0, kw["vocab_size"], (B, T + 1))
+    # torch: HF shifts labels itself
+    hf.train()
+    hf.zero_grad()
+    out = hf(torch.as_tensor(ids, dtype=torch.long), labels=torch.as_tensor(ids, dtype=torch.long))
+    out.loss.backward()
+    tgrads = {n: p.grad.numpy() for n, p in hf.named_parameters()}
+    # ours
+    fns = ModelFns.from_model(model)
+    params = params_of(model)
+    batch = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+             "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.int32)}
+    (loss, _), grads = jax.value_and_grad(lambda p: loss_and_stats(fns, cfg, p, batch), has_aux=True)(params)
+    tl = out.loss.item()
+    assert abs(float(loss) - tl) <= 1e-5 * abs(tl)
+    flat = {tuple(k): v for k, v in _flatten(grads)}
+    worst = 0.0
+    for e in param_map(cfg, nnx_state(model)):
+        g = np.asarray(flat[e.path])[e.index]
+        g = g.T if e.transpose else g
+        t = tgrads[e.hf_name] if e.hf_name in tgrads else None
+        if t is None:  # HF fuses experts as gate_up_proj / down_proj
+            t = _hf_expert_grad(hf, tgrads, e.hf_name)
+        scale = max(np.abs(t).max(), 1e-8)
+        err = np.abs(g - t).max() / scale
+        worst = max(worst, err)
+        assert err <= 1e-4, (e.hf_name, err)
+    print(f"worst relative gradient error: {worst:.2e}")
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.state(model)
+
+
+def _flatten(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, prefix + (k,))
+    else:
+        yield prefix, tree
+
+
+def _hf_expert_grad(hf, tgrads, name):
+    # model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight
+    parts = name.split(".")
+    i, e, proj = int(parts[2]), int(parts[5]), parts[6]
+    base = f"model.layers.{i}.mlp.experts."
+    F = hf.config.moe_intermediate_size
+    if proj == "down_proj":
+        return tgrads[base + "down_proj"][e]
+    gu = tgrads[base + "gate_up_proj"][e]
+    return gu[:F] if proj == "gate_proj" else gu[F:]
