@@ -615,13 +615,13 @@ def make_train_iter(
     corpus = _Corpus(parsed, vocab_size, spec)
     if not corpus.train_files:
         raise ValueError(f"data {spec!r}: no training files are left after the held-out split")
-    files = corpus.train_files[process_index::process_count]
-    if not files:
+    if len(corpus.train_files) < process_count:  # every process must get a file
         raise ValueError(
             f"data {spec!r}: {len(corpus.train_files)} training file(s) cannot be shared "
             f"by {process_count} processes (files are split per process; split the data "
             "into more files)"
         )
+    files = corpus.train_files[process_index::process_count]
     ds = (
         grain.MapDataset.source(files)
         .shuffle(seed=seed)

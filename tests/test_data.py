@@ -1,0 +1,378 @@
+"""Tests for the training data pipeline (dsv2_jax/train/data.py): real grain, real Orbax."""
+
+import json
+import os
+import time
+
+import grain
+import numpy as np
+import pytest
+
+from dsv2_jax.train import data
+
+KEYS = set(data.BATCH_KEYS)
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _write_npy_docs(tmp_path, n_docs, seed=0, min_len=2, max_len=40):
+    """Doc i holds tokens i*1000 + 0, 1, 2, ...: a token names its doc and place."""
+    rng = np.random.default_rng(seed)
+    d = tmp_path / "npy"
+    d.mkdir()
+    for i in range(n_docs):
+        n = int(rng.integers(min_len, max_len + 1))
+        np.save(d / f"doc{i:03d}.npy", (i * 1000 + np.arange(n)).astype(np.int32))
+    return d
+
+
+def _check_invariants(batch, seq_len):
+    """Every counted target is the next token of the same document (npy naming)."""
+    x, y = batch["inputs"], batch["targets"]
+    seg, pos, m = batch["segment_ids"], batch["positions"], batch["loss_mask"]
+    assert all(v.dtype == np.int32 for v in batch.values())
+    assert x.shape == y.shape == seg.shape == pos.shape == m.shape
+    assert x.shape[1] == seq_len
+    for r in range(x.shape[0]):
+        for j in range(seq_len):
+            if seg[r, j] == 0:  # padding
+                assert m[r, j] == 0 and x[r, j] == 0 and pos[r, j] == 0
+                continue
+            if j > 0 and seg[r, j] == seg[r, j - 1]:
+                assert pos[r, j] == pos[r, j - 1] + 1
+                assert x[r, j] == x[r, j - 1] + 1  # same document, next token
+                assert x[r, j] // 1000 == x[r, j - 1] // 1000
+            else:
+                assert pos[r, j] == 0
+                # a segment starts at a document start or a seq_len chunk boundary
+                assert (x[r, j] % 1000) % seq_len == 0
+            if m[r, j]:
+                assert y[r, j] == x[r, j] + 1
+        # segment ids are 1, 2, ... in order, then padding
+        ids = seg[r][seg[r] > 0]
+        assert ids[0] == 1 and np.all(np.diff(ids) >= 0) and np.all(np.diff(ids) <= 1)
+
+
+def _doc_ids(batches):
+    out = set()
+    for b in batches:
+        out.update((b["inputs"][b["segment_ids"] > 0] // 1000).tolist())
+    return out
+
+
+# ------------------------------------------------------------------------- specs
+
+
+def test_parse_spec_accepts_the_documented_forms(tmp_path):
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    assert data.parse_spec("stdlib") == data.DataSpec(kind="stdlib")
+    s = data.parse_spec(f"jsonl:{tmp_path}/*.jsonl, tokenizer={tok}, field=body, holdout=0.1")
+    assert (s.kind, s.pattern, s.tokenizer, s.field, s.holdout) == (
+        "jsonl", f"{tmp_path}/*.jsonl", str(tok), "body", 0.1)
+    s = data.parse_spec("npy:a/*.npy,sep=0,eval=b/*.npy")
+    assert (s.kind, s.sep, s.eval_pattern) == ("npy", 0, "b/*.npy")
+    assert data.parse_spec("text:x/*.txt,tokenizer=bytes").tokenizer == "bytes"
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("", "non-empty"),
+        ("parquet:x", "unknown source"),
+        ("stdlib:x", "takes no"),
+        ("text:", "needs a file GLOB"),
+        ("text:*.txt", "tokenizer="),
+        ("jsonl:*.jsonl,tokenizer=/no/such/tokenizer.json", "does not exist"),
+        ("npy:*.npy,field=text", "does not apply"),
+        ("stdlib,tokenizer=bytes", "does not apply"),
+        ("npy:*.npy,sep=eos", "not an integer"),
+        ("npy:*.npy,sep=-1", ">= 0"),
+        ("npy:*.npy,holdout=1.5", "[0, 1)"),
+        ("npy:*.npy,holdout=x", "not a number"),
+        ("npy:*.npy,sep", "KEY=VALUE"),
+        ("npy:*.npy,sep=1,sep=2", "twice"),
+        ("npy:*.npy,holdout=0.1,eval=x", "not both"),
+    ],
+)
+def test_bad_specs_raise_a_clear_error(spec, words):
+    with pytest.raises(ValueError, match=None) as e:
+        data.parse_spec(spec)
+    assert words in str(e.value)
+    with pytest.raises(ValueError):
+        data.make_train_iter(spec, seq_len=8, batch_size=2, seed=0,
+                             process_index=0, process_count=1)
+
+
+def test_bad_data_raises_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no files match"):
+        data.make_train_iter(f"npy:{tmp_path}/*.npy", seq_len=8, batch_size=2, seed=0,
+                             process_index=0, process_count=1)
+    np.save(tmp_path / "two_d.npy", np.zeros((2, 3), np.int32))
+    it = data.make_train_iter(f"npy:{tmp_path}/*.npy,holdout=0", seq_len=8, batch_size=2,
+                              seed=0, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="1-D integer array"):
+        next(it)
+    with pytest.raises(ValueError, match="vocab_size is 100"):
+        data.make_train_iter("stdlib", seq_len=8, batch_size=2, seed=0, vocab_size=100,
+                             process_index=0, process_count=1)
+
+
+# ----------------------------------------------------------------------- packing
+
+
+def test_packing_matches_a_hand_built_example(tmp_path):
+    np.save(tmp_path / "a.npy", np.array([10, 11, 12]))
+    np.save(tmp_path / "b.npy", np.arange(20, 26))
+    np.save(tmp_path / "c.npy", np.array([30, 31]))
+    spec = f"npy:{tmp_path}/*.npy,eval={tmp_path}/*.npy"
+    batches = list(data.make_eval_iter(spec, seq_len=4, batch_size=2))
+    assert len(batches) == 2
+    got = {k: np.concatenate([b[k] for b in batches]) for k in KEYS}
+    # Documents a (3 tokens), b (6 tokens: cut at 4), c (2); first-fit into rows of 4.
+    want = {
+        "inputs":      [[10, 11, 12, 0], [20, 21, 22, 23], [24, 25, 30, 31], [0, 0, 0, 0]],
+        "targets":     [[11, 12, 0, 0], [21, 22, 23, 24], [25, 0, 31, 0], [0, 0, 0, 0]],
+        "segment_ids": [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 2, 2], [0, 0, 0, 0]],
+        "positions":   [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 1], [0, 0, 0, 0]],
+        "loss_mask":   [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]],
+        "num_bytes":   [0, 0, 0, 0],  # unknown for pre-tokenised data
+    }
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], np.array(v, np.int32), err_msg=k)
+        assert got[k].dtype == np.int32
+
+
+def test_training_batches_never_cross_documents(tmp_path):
+    d = _write_npy_docs(tmp_path, 30, max_len=50)
+    it = data.make_train_iter(f"npy:{d}/*.npy,holdout=0", seq_len=16, batch_size=4, seed=3,
+                              process_index=0, process_count=1)
+    for _ in range(40):
+        b = next(it)
+        assert set(b) == KEYS
+        assert b["num_bytes"].shape == (4,)
+        _check_invariants(b, 16)
+
+
+def test_stdlib_batches_are_byte_level_and_fast():
+    t0 = time.perf_counter()
+    it = data.make_train_iter("stdlib", seq_len=128, batch_size=4, seed=0, vocab_size=256,
+                              process_index=0, process_count=1)
+    b = next(it)
+    first = time.perf_counter() - t0
+    assert first < 10.0, f"first stdlib batch took {first:.1f}s"
+    assert b["inputs"].shape == (4, 128) and b["inputs"].max() < 256
+    # byte-level: every counted target is one byte
+    np.testing.assert_array_equal(b["num_bytes"], b["loss_mask"].sum(1))
+    same = (b["segment_ids"][:, 1:] == b["segment_ids"][:, :-1]) & (b["segment_ids"][:, 1:] > 0)
+    np.testing.assert_array_equal(b["targets"][:, :-1][same], b["inputs"][:, 1:][same])
+
+
+def test_stdlib_held_out_split_is_disjoint_and_deterministic():
+    corpus = data._Corpus(data.parse_spec("stdlib"), 256, "stdlib")
+    train, held = set(corpus.train_files), set(corpus.eval_files)
+    assert train and held and not train & held
+    assert not any("site-packages" in f.split(os.sep) for f in train | held)
+    assert 0.005 < len(held) / len(train | held) < 0.05
+    again = data._Corpus(data.parse_spec("stdlib"), 256, "stdlib")
+    assert again.eval_files == corpus.eval_files and again.train_files == corpus.train_files
+    # eval batches come from held-out files only: their bytes occur in a held-out file
+    first = next(iter(data.make_eval_iter("stdlib", seq_len=64, batch_size=1, max_batches=1)))
+    row = first["inputs"][0][first["segment_ids"][0] == 1].astype(np.uint8).tobytes()
+    with open(sorted(held)[0], "rb") as f:
+        assert f.read().startswith(row)
+    assert len(list(data.make_eval_iter("stdlib", seq_len=64, batch_size=2, max_batches=3))) == 3
+
+
+def test_user_data_held_out_split_is_disjoint(tmp_path):
+    d = _write_npy_docs(tmp_path, 60)
+    spec = f"npy:{d}/*.npy,holdout=0.2"
+    held = _doc_ids(data.make_eval_iter(spec, seq_len=32, batch_size=4))
+    it = data.make_train_iter(spec, seq_len=32, batch_size=4, seed=0,
+                              process_index=0, process_count=1)
+    train = _doc_ids(_take(it, 60))
+    assert held and train and not held & train
+    assert held | train == set(range(60))
+
+
+# -------------------------------------------------------------------- sharding
+
+
+def test_process_shards_are_disjoint_and_cover_the_data(tmp_path):
+    d = _write_npy_docs(tmp_path, 40)
+    spec = f"npy:{d}/*.npy,holdout=0"
+    seen = []
+    for p in range(3):
+        it = data.make_train_iter(spec, seq_len=32, batch_size=4, seed=1,
+                                  process_index=p, process_count=3)
+        seen.append(_doc_ids(_take(it, 40)))  # > 2 epochs of each shard
+    assert all(seen)
+    for p in range(3):
+        for q in range(p + 1, 3):
+            assert not seen[p] & seen[q]
+    assert set().union(*seen) == set(range(40))
+    with pytest.raises(ValueError, match="processes"):
+        data.make_train_iter(spec, seq_len=32, batch_size=4, seed=1,
+                             process_index=0, process_count=41)
+
+
+def test_seed_changes_the_order(tmp_path):
+    d = _write_npy_docs(tmp_path, 40)
+    spec = f"npy:{d}/*.npy,holdout=0"
+    mk = lambda s: data.make_train_iter(spec, seq_len=32, batch_size=4, seed=s,
+                                        process_index=0, process_count=1)
+    _assert_batches_equal(_take(mk(5), 3), _take(mk(5), 3))
+    with pytest.raises(AssertionError):
+        _assert_batches_equal(_take(mk(5), 3), _take(mk(6), 3))
+
+
+# ---------------------------------------------------------------- checkpointing
+
+
+def test_get_state_set_state_resumes_exactly():
+    mk = lambda: data.make_train_iter("stdlib", seq_len=64, batch_size=4, seed=7,
+                                      vocab_size=256, process_index=0, process_count=1)
+    it = mk()
+    _take(it, 37)  # deep enough that files finish and bins wrap
+    state = json.loads(json.dumps(it.get_state()))  # the state is plain JSON
+    want = _take(it, 25)
+    fresh = mk()
+    fresh.set_state(state)
+    _assert_batches_equal(_take(fresh, 25), want)
+
+
+def test_orbax_round_trip_resumes_exactly(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    d = _write_npy_docs(tmp_path, 25, max_len=70)
+    spec = f"npy:{d}/*.npy,holdout=0"
+    mk = lambda: data.make_train_iter(spec, seq_len=16, batch_size=3, seed=11,
+                                      process_index=0, process_count=1)
+    it = mk()
+    _take(it, 13)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(13, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    want = _take(it, 20)  # the uninterrupted run
+
+    restored = mk()
+    _take(restored, 2)  # a different position, to be overwritten by the restore
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        assert mngr.latest_step() == 13
+        mngr.restore(13, args=ocp.args.Composite(
+            data_iter=grain.checkpoint.CheckpointRestore(restored)))
+    _assert_batches_equal(_take(restored, 20), want)
+
+
+# -------------------------------------------------------------------- tokenizer
+
+TEXTS = [
+    "def héllo(wörld):\n    return wörld  # 日本語\n",
+    "Hello world, hello tokens.\n\nNaïve café — ünïcödé — 🎉 done.",
+    "print('ok')  \t trailing   ",
+    "x = 1\ny = x + 1\n",
+]
+
+
+def _make_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(TEXTS * 20, trainer)
+    tok.save(str(path))
+    return tok
+
+
+def _docs_from_eval(batches):
+    """The documents in an eval stream whose documents each fit in one segment."""
+    docs, nbytes = [], 0
+    for b in batches:
+        nbytes += int(b["num_bytes"].sum())
+        for r in range(b["inputs"].shape[0]):
+            seg = b["segment_ids"][r]
+            for s in range(1, seg.max() + 1):
+                idx = np.flatnonzero(seg == s)
+                assert b["loss_mask"][r, idx[-1]] == 0  # the segment is a whole document
+                docs.append(b["inputs"][r, idx].tolist())
+    return docs, nbytes
+
+
+@pytest.mark.parametrize("fmt", ["text", "jsonl"])
+def test_tokenizer_data_round_trips_and_counts_bytes(tmp_path, fmt):
+    tok = _make_tokenizer(tmp_path / "tokenizer.json")
+    d = tmp_path / "corpus"
+    d.mkdir()
+    if fmt == "text":
+        for i, t in enumerate(TEXTS):
+            (d / f"{i}.txt").write_text(t, encoding="utf-8")
+        spec = f"text:{d}/*.txt,tokenizer={tmp_path}/tokenizer.json,eval={d}/*.txt"
+    else:
+        with open(d / "a.jsonl", "w", encoding="utf-8") as f:
+            for t in TEXTS:
+                f.write(json.dumps({"body": t, "id": 1}) + "\n\n")
+        spec = f"jsonl:{d}/*.jsonl,tokenizer={tmp_path}/tokenizer.json,field=body,eval={d}/*.jsonl"
+    vocab = tok.get_vocab_size()
+    docs, nbytes = _docs_from_eval(data.make_eval_iter(spec, seq_len=64, batch_size=2,
+                                                       vocab_size=vocab))
+    assert sorted(tok.decode(ids) for ids in docs) == sorted(TEXTS)
+    # Counted targets are every token but the first of each document: their bytes
+    # are the document's UTF-8 bytes less those of the first token.
+    want = 0
+    for t in TEXTS:
+        enc = tok.encode(t, add_special_tokens=False)
+        first_chars = enc.offsets[0][1]
+        want += len(t.encode("utf-8")) - len(t[:first_chars].encode("utf-8"))
+    assert nbytes == want
+    with pytest.raises(ValueError, match="vocab_size"):
+        data.make_eval_iter(spec, seq_len=64, batch_size=2, vocab_size=vocab - 1)
+
+
+def test_token_bytes_sum_to_the_utf8_length():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "ü": 1, "日本": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = "  a ü\t日本 zz  "
+    enc = tok.encode(text)
+    got = data._token_bytes(text, enc.offsets)
+    assert got.sum() == len(text.encode("utf-8"))
+    # whitespace dropped by the pre-tokenizer goes to the next token, trailing to the last
+    assert got.tolist() == [3, 3, 7, 5]  # "  a", " ü", "\t日本", " zz  "
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"title": "no text"}\n')
+    it = data.make_train_iter(f"jsonl:{tmp_path}/*.jsonl,tokenizer=bytes,holdout=0",
+                              seq_len=8, batch_size=1, seed=0, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match=r"a.jsonl:2: no 'text' field"):
+        next(it)
+
+
+# -------------------------------------------------------------------------- npy
+
+
+def test_npy_with_separator_and_vocab_check(tmp_path):
+    np.save(tmp_path / "flat.npy", np.array([5, 6, 7, 0, 8, 9, 0, 0, 3, 4], np.int64))
+    spec = f"npy:{tmp_path}/flat.npy,sep=0,eval={tmp_path}/flat.npy"
+    docs, _ = _docs_from_eval(data.make_eval_iter(spec, seq_len=8, batch_size=2))
+    # the separator stays at the end of the document it closes; a lone one is dropped
+    assert sorted(docs) == [[3, 4], [5, 6, 7, 0], [8, 9, 0]]
+    with pytest.raises(ValueError, match="token id 9 does not fit"):
+        next(iter(data.make_eval_iter(spec, seq_len=8, batch_size=2, vocab_size=9)))
