@@ -208,6 +208,30 @@ def test_user_data_held_out_split_is_disjoint(tmp_path):
     assert held | train == set(range(60))
 
 
+def test_jsonl_held_out_split_is_per_document(tmp_path):
+    # one file of many documents: the split is by document (file:line), not by file
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i in range(80):
+            f.write(json.dumps({"text": f"<{i:03d}> " + "x" * (i % 7)}) + "\n")
+    spec = f"jsonl:{tmp_path}/*.jsonl,tokenizer=bytes,holdout=0.25"
+
+    def ids(batches):
+        out = set()
+        for b in batches:
+            for r in range(b["inputs"].shape[0]):
+                for s in range(1, b["segment_ids"][r].max() + 1):
+                    text = b["inputs"][r][b["segment_ids"][r] == s].astype(np.uint8).tobytes()
+                    out.add(int(text[1:4]))
+        return out
+
+    held = ids(data.make_eval_iter(spec, seq_len=32, batch_size=4))
+    it = data.make_train_iter(spec, seq_len=32, batch_size=4, seed=0,
+                              process_index=0, process_count=1)
+    train = ids(_take(it, 40))
+    assert held and train and not held & train
+    assert held | train == set(range(80))
+
+
 # -------------------------------------------------------------------- sharding
 
 
@@ -261,17 +285,17 @@ def test_orbax_round_trip_resumes_exactly(tmp_path):
     mk = lambda: data.make_train_iter(spec, seq_len=16, batch_size=3, seed=11,
                                       process_index=0, process_count=1)
     it = mk()
-    _take(it, 13)
+    _take(it, 41)  # past the first flush of the packer's 64 bins
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-        mngr.save(13, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+        mngr.save(41, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
         mngr.wait_until_finished()
     want = _take(it, 20)  # the uninterrupted run
 
     restored = mk()
     _take(restored, 2)  # a different position, to be overwritten by the restore
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-        assert mngr.latest_step() == 13
-        mngr.restore(13, args=ocp.args.Composite(
+        assert mngr.latest_step() == 41
+        mngr.restore(41, args=ocp.args.Composite(
             data_iter=grain.checkpoint.CheckpointRestore(restored)))
     _assert_batches_equal(_take(restored, 20), want)
 

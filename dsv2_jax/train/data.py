@@ -12,10 +12,10 @@ A data SPEC names a corpus (see ``docs/data.md`` for the full syntax)::
 Pipeline (all in-process, all grain, all checkpointable)::
 
     files (sorted) -> held-out split -> per-process shard -> shuffle(seed) -> repeat
-      -> lazy per-file load + tokenise (grain MapDataset.map)
-      -> cut documents into pieces of <= seq_len tokens
-      -> mix pieces of `cycle` open files (seeded, state = small ints)
-      -> grain ConcatThenSplitIterDataset packing into [seq_len] rows
+      -> lazy per-file load + tokenise (grain MapDataset.map_with_index)
+      -> cut documents into pieces of <= seq_len tokens, seeded order within the file
+      -> mix pieces of up to 16 open files (seeded; state = a few ints)
+      -> grain FirstFitPackIterDataset into [seq_len] rows (pieces never split)
       -> batch -> dict of int32 numpy arrays
 
 Targets are computed per document before packing, so a target is always the next
@@ -53,6 +53,7 @@ _OPTIONS = {
     "npy": {"sep", "holdout", "eval"},
 }
 _DEFAULT_HOLDOUT = 0.02
+_M64 = (1 << 64) - 1
 # Number of files whose pieces are interleaved in training; keeps one big file
 # (e.g. pydoc_data/topics.py, ~800 KB) from filling whole batches by itself.
 _TRAIN_CYCLE = 16
@@ -378,13 +379,23 @@ class _Corpus:
             return [(rel, lambda p=pieces[0]: _Doc(p, zeros(p)))]
         return [(f"{rel}#{i}", lambda p=p: _Doc(p, zeros(p))) for i, p in enumerate(pieces)]
 
-    def loader(self, held_out: bool, seq_len: int) -> Callable[[str], list[dict]]:
-        """The per-file map function: path -> pieces of its documents."""
+    def loader(
+        self, held_out: bool, seq_len: int, seed: int | None = None
+    ) -> Callable[[int, str], list[dict]]:
+        """The per-file map function: (index, path) -> pieces of its documents.
 
-        def load_pieces(path: str) -> list[dict[str, np.ndarray]]:
+        With a seed the pieces come in an order drawn from (seed, index): a file read
+        again in a later epoch (a new index) is shuffled anew, and a restore that
+        re-reads it (same index) sees the same order.
+        """
+
+        def load_pieces(index: int, path: str) -> list[dict[str, np.ndarray]]:
             pieces = []
             for d in self.load(path, held_out):
                 pieces.extend(_doc_pieces(d, seq_len))
+            if seed is not None and len(pieces) > 1:
+                order = np.random.default_rng([seed & _M64, index]).permutation(len(pieces))
+                pieces = [pieces[i] for i in order]
             return pieces
 
         return load_pieces
@@ -434,9 +445,6 @@ def _doc_pieces(doc: _Doc, seq_len: int) -> list[dict[str, np.ndarray]]:
 
 
 # -------------------------------------------------------------------------- mixer
-
-_M64 = (1 << 64) - 1
-
 
 def _mix64(x: int) -> int:
     """A 64-bit integer hash (splitmix64 finaliser): cheap, stateless, deterministic."""
@@ -626,9 +634,11 @@ def make_train_iter(
         grain.MapDataset.source(files)
         .shuffle(seed=seed)
         .repeat(None)
-        .map(corpus.loader(held_out=False, seq_len=seq_len))
+        .map_with_index(corpus.loader(held_out=False, seq_len=seq_len, seed=seed))
     )
-    ds = _PieceMixDataset(ds, cycle=_TRAIN_CYCLE, seed=seed, what=f"data {spec!r} (train)")
+    # Never more open files than the shard has: slots would hold copies of one file.
+    cycle = min(_TRAIN_CYCLE, len(files))
+    ds = _PieceMixDataset(ds, cycle=cycle, seed=seed, what=f"data {spec!r} (train)")
     ds = _pack(ds, seq_len, bins=max(_PACK_BINS, batch_size), seed=seed)
     ds = ds.batch(batch_size, drop_remainder=True).map(_finalize)
     return iter(ds)
@@ -658,7 +668,9 @@ def make_eval_iter(
             f"data {spec!r}: the held-out split is empty (holdout={parsed.holdout}); "
             "use a larger holdout= or eval=GLOB"
         )
-    ds = grain.MapDataset.source(corpus.eval_files).map(corpus.loader(held_out=True, seq_len=seq_len))
+    ds = grain.MapDataset.source(corpus.eval_files).map_with_index(
+        corpus.loader(held_out=True, seq_len=seq_len)
+    )
     ds = _PieceMixDataset(ds, cycle=1, seed=0, what=f"data {spec!r} (held-out)")
     ds = _pack(ds, seq_len, bins=_PACK_BINS, seed=None).batch(batch_size, drop_remainder=False)
     ds = ds.map(lambda b: _finalize(b, batch_size))
