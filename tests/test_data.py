@@ -242,7 +242,7 @@ def test_process_shards_are_disjoint_and_cover_the_data(tmp_path):
     for p in range(3):
         it = data.make_train_iter(spec, seq_len=32, batch_size=4, seed=1,
                                   process_index=p, process_count=3)
-        seen.append(_doc_ids(_take(it, 40)))  # > 2 epochs of each shard
+        seen.append(_doc_ids(_take(it, 20)))  # several epochs of each shard
     assert all(seen)
     for p in range(3):
         for q in range(p + 1, 3):
@@ -261,6 +261,15 @@ def test_seed_changes_the_order(tmp_path):
     _assert_batches_equal(_take(mk(5), 3), _take(mk(5), 3))
     with pytest.raises(AssertionError):
         _assert_batches_equal(_take(mk(5), 3), _take(mk(6), 3))
+
+
+def test_each_epoch_visits_every_file_once_in_a_new_order():
+    files = [f"f{i}" for i in range(7)]
+    order = data._EpochOrder(files, seed=2)
+    epochs = [[order(e * 7 + p) for p in range(7)] for e in range(4)]
+    assert all(sorted(e) == files for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1
+    assert [order(i) for i in range(28)] == sum(epochs, [])  # stateless: same index, same file
 
 
 # ---------------------------------------------------------------- checkpointing
