@@ -126,6 +126,13 @@ def test_bad_data_raises_a_clear_error(tmp_path):
                               seed=0, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="1-D integer array"):
         next(it)
+    (tmp_path / "two_d.npy").unlink()
+    for i in range(3):  # documents of one token have no target
+        np.save(tmp_path / f"one{i}.npy", np.array([7], np.int32))
+    it = data.make_train_iter(f"npy:{tmp_path}/*.npy,holdout=0", seq_len=8, batch_size=2,
+                              seed=0, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="no documents with 2 or more tokens"):
+        next(it)
     with pytest.raises(ValueError, match="vocab_size is 100"):
         data.make_train_iter("stdlib", seq_len=8, batch_size=2, seed=0, vocab_size=100,
                              process_index=0, process_count=1)

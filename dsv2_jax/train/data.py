@@ -464,23 +464,27 @@ class _PieceMixDataset(grain.IterDataset):
     it, the next file index and the draw counter; restoring re-reads the open files.
     """
 
-    def __init__(self, files: grain.MapDataset, *, cycle: int, seed: int, what: str):
+    def __init__(
+        self, files: grain.MapDataset, *, cycle: int, seed: int, what: str, epoch: int
+    ):
         super().__init__(files)
         self._files = files
         self._cycle = cycle
         self._seed = seed
         self._what = what
+        self._epoch = epoch  # files per epoch: a whole epoch of empty files is an error
 
     def __iter__(self):
-        return _PieceMixIterator(self._files, self._cycle, self._seed, self._what)
+        return _PieceMixIterator(self._files, self._cycle, self._seed, self._what, self._epoch)
 
     def __str__(self):
         return f"_PieceMixDataset(cycle={self._cycle})"
 
 
 class _PieceMixIterator(grain.DatasetIterator):
-    def __init__(self, files: grain.MapDataset, cycle: int, seed: int, what: str):
+    def __init__(self, files: grain.MapDataset, cycle: int, seed: int, what: str, epoch: int):
         super().__init__()
+        self._epoch = epoch
         self._files = files
         self._num_files = len(files)
         self._cycle = cycle
@@ -505,7 +509,7 @@ class _PieceMixIterator(grain.DatasetIterator):
                     empty_run = 0
                 else:
                     empty_run += 1
-                    if empty_run > 100_000:
+                    if empty_run >= self._epoch:
                         raise ValueError(f"{self._what}: no documents with 2 or more tokens")
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -662,7 +666,8 @@ def make_train_iter(
     )
     # Never more open files than the shard has: slots would hold copies of one file.
     cycle = min(_TRAIN_CYCLE, len(files))
-    ds = _PieceMixDataset(ds, cycle=cycle, seed=seed, what=f"data {spec!r} (train)")
+    ds = _PieceMixDataset(ds, cycle=cycle, seed=seed, what=f"data {spec!r} (train)",
+                          epoch=len(files))
     ds = _pack(ds, seq_len, bins=max(_PACK_BINS, batch_size), seed=seed)
     ds = ds.batch(batch_size, drop_remainder=True).map(_finalize)
     return iter(ds)
@@ -695,7 +700,8 @@ def make_eval_iter(
     ds = grain.MapDataset.source(corpus.eval_files).map_with_index(
         corpus.loader(held_out=True, seq_len=seq_len)
     )
-    ds = _PieceMixDataset(ds, cycle=1, seed=0, what=f"data {spec!r} (held-out)")
+    ds = _PieceMixDataset(ds, cycle=1, seed=0, what=f"data {spec!r} (held-out)",
+                          epoch=len(corpus.eval_files))
     ds = _pack(ds, seq_len, bins=_PACK_BINS, seed=None).batch(batch_size, drop_remainder=False)
     ds = ds.map(lambda b: _finalize(b, batch_size))
     if max_batches is not None:
