@@ -98,6 +98,30 @@ class SafetensorsFile:
         raw = self._mm[self.data_start + begin: self.data_start + end]
         return raw.view(DTYPES[dt]).reshape(shape)
 
+    def read(self, name: str) -> np.ndarray:
+        """Like `get`, but a private copy read with plain file I/O instead of a view of a
+        memory map: a converter streaming a whole checkpoint then holds one tensor in memory at
+        a time, where touched memmap pages would stay mapped (and counted) until the file is
+        closed."""
+        if name not in self.entries:
+            raise CheckpointError(f"{self.path}: file does not contain tensor {name!r}")
+        dt, shape, begin, end = self.entries[name]
+        buf = np.empty(end - begin, np.uint8)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.data_start + begin)
+                view, got = memoryview(buf), 0
+                while got < len(buf):  # one read() returns at most ~2 GiB on Linux
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: shard file is missing") from None
+        if got != end - begin:
+            raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
+        return buf.view(DTYPES[dt]).reshape(shape)
+
     def close(self):
         self._mm = None
 
@@ -150,6 +174,10 @@ class SafetensorsDir:
 
     def get(self, name: str) -> np.ndarray:
         return self.file_of(name).get(name)
+
+    def read(self, name: str) -> np.ndarray:
+        """A private copy of one tensor (see `SafetensorsFile.read`)."""
+        return self.file_of(name).read(name)
 
     def shape(self, name: str) -> tuple:
         return self.file_of(name).shape(name)
