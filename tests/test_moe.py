@@ -1,0 +1,208 @@
+"""Routed experts: both grouped-matmul backends against a plain per-token numpy reference,
+with hypothesis-drawn ragged groups (empty groups, everything on one expert); gradients of the
+two backends against each other; routing rules that the HF parity cases do not pin down."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from dsv2_jax import load_config
+from dsv2_jax.moe import expert_ffn, gmm_backend, routed_experts, select_experts
+
+BACKENDS = ("blocked", "ragged_dot")
+E, D, F = 5, 6, 7
+# Deterministic examples (CI must not flake); each distinct shape costs one compile.
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, print_blob=True)
+
+
+def _weights(seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((E, D, F)).astype(np.float32) / D ** 0.5,
+            rng.standard_normal((E, D, F)).astype(np.float32) / D ** 0.5,
+            rng.standard_normal((E, F, D)).astype(np.float32) / F ** 0.5)
+
+
+def _ffn_np(x, wg, wu, wd):
+    """One SwiGLU expert in float64."""
+    x, wg, wu, wd = (np.asarray(a, np.float64) for a in (x, wg, wu, wd))
+    g = x @ wg
+    return (g / (1.0 + np.exp(-g)) * (x @ wu)) @ wd
+
+
+def _close(got, want, tol=1e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(np.max(np.abs(want)), 1e-30)
+    assert np.max(np.abs(got - want)) <= tol * scale, np.max(np.abs(got - want)) / scale
+
+
+@functools.partial(jax.jit, static_argnames="backend")
+def _expert_ffn(xs, group_sizes, wg, wu, wd, backend):
+    return expert_ffn(xs, group_sizes, wg, wu, wd, backend)
+
+
+@functools.partial(jax.jit, static_argnames="backend")
+def _routed(x, idx, w, wg, wu, wd, backend):
+    return routed_experts(x, idx, w, wg, wu, wd, backend)
+
+
+@st.composite
+def ragged_groups(draw):
+    """(M, group sizes [E]) with sum M: E - 1 sorted cut points in [0, M], so empty groups and
+    single-expert splits come up often."""
+    M = draw(st.sampled_from([1, 9, 24]))
+    cuts = sorted(draw(st.lists(st.integers(0, M), min_size=E - 1, max_size=E - 1)))
+    bounds = [0] + cuts + [M]
+    return M, [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(groups=ragged_groups(), seed=st.integers(0, 2**16))
+@example(groups=(24, [24, 0, 0, 0, 0]), seed=0)  # everything on the first expert
+@example(groups=(24, [0, 0, 0, 0, 24]), seed=1)  # everything on the last
+@example(groups=(9, [0, 4, 0, 5, 0]), seed=2)  # empty groups between and around
+@example(groups=(1, [0, 0, 1, 0, 0]), seed=3)
+def test_expert_ffn_matches_per_row_reference(backend, groups, seed):
+    M, sizes = groups
+    wg, wu, wd = _weights(seed)
+    xs = np.random.default_rng(seed + 1).standard_normal((M, D)).astype(np.float32)
+    got = _expert_ffn(xs, jnp.asarray(sizes, jnp.int32), wg, wu, wd, backend)
+    expert_of_row = np.repeat(np.arange(E), sizes)
+    want = np.stack([_ffn_np(xs[r], wg[e], wu[e], wd[e]) for r, e in enumerate(expert_of_row)])
+    _close(got, want)
+
+
+@st.composite
+def routings(draw):
+    """(T, topk_idx [T, K], topk_weight [T, K]): K distinct experts per token, drawn freely,
+    or skewed so that one expert takes every token and others none."""
+    T = draw(st.sampled_from([1, 13]))
+    K = draw(st.sampled_from([1, 3]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    kind = draw(st.sampled_from(["random", "one_hot_expert", "two_experts"]))
+    if kind == "random":
+        idx = np.stack([rng.permutation(E)[:K] for _ in range(T)])
+    elif kind == "one_hot_expert":  # every token's first choice is expert `hot`
+        hot = draw(st.integers(0, E - 1))
+        rest = [e for e in range(E) if e != hot]
+        idx = np.stack([np.r_[hot, rng.permutation(rest)[: K - 1]] for _ in range(T)])
+    else:  # only experts 1 and 3 (and for K = 3 one more) ever chosen
+        idx = np.stack([np.r_[[1, 3][:K], [4][: max(0, K - 2)]] for _ in range(T)])[:, :K]
+    weight = rng.uniform(0.1, 2.0, (T, K)).astype(np.float32)
+    return T, idx.astype(np.int32), weight
+
+
+def _routed_np(x, idx, weight, wg, wu, wd):
+    """Every token through its own chosen experts, one at a time."""
+    out = np.zeros(x.shape, np.float64)
+    for t in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = idx[t, k]
+            out[t] += weight[t, k] * _ffn_np(x[t], wg[e], wu[e], wd[e])
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(routing=routings(), seed=st.integers(0, 2**16))
+def test_routed_experts_matches_per_token_reference(backend, routing, seed):
+    T, idx, weight = routing
+    wg, wu, wd = _weights(seed)
+    x = np.random.default_rng(seed + 7).standard_normal((T, D)).astype(np.float32)
+    got = _routed(x, idx, weight, wg, wu, wd, backend)
+    _close(got, _routed_np(x, idx, weight, wg, wu, wd))
+
+
+def _loss_grads(backend, x, idx, weight, wg, wu, wd, probe):
+    def loss(x, weight, wg, wu, wd):
+        return jnp.sum(routed_experts(x, idx, weight, wg, wu, wd, backend) * probe)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, weight, wg, wu, wd)
+
+
+def _dense_jnp(x, idx, weight, wg, wu, wd):
+    """Differentiable plain reference: gather each token's expert weights."""
+    g = jnp.einsum("td,tkdf->tkf", x, wg[idx])
+    u = jnp.einsum("td,tkdf->tkf", x, wu[idx])
+    y = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(g) * u, wd[idx])
+    return jnp.einsum("tkd,tk->td", y, weight)
+
+
+@settings(SETTINGS, max_examples=12)
+@given(routing=routings(), seed=st.integers(0, 2**16))
+def test_backend_gradients_agree(routing, seed):
+    T, idx, weight = routing
+    wg, wu, wd = _weights(seed)
+    rng = np.random.default_rng(seed + 11)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    probe = rng.standard_normal((T, D)).astype(np.float32)
+    blocked = _loss_grads("blocked", x, idx, weight, wg, wu, wd, probe)
+    ragged = _loss_grads("ragged_dot", x, idx, weight, wg, wu, wd, probe)
+    dense = jax.grad(lambda *a: jnp.sum(_dense_jnp(a[0], idx, *a[1:]) * probe),
+                     argnums=(0, 1, 2, 3, 4))(x, weight, wg, wu, wd)
+    unused = np.setdiff1d(np.arange(E), idx)
+    for name, a, b, c in zip(("x", "weight", "w_gate", "w_up", "w_down"), blocked, ragged, dense):
+        _close(a, b)
+        _close(a, c)
+        assert np.all(np.isfinite(np.asarray(a))), name
+        if name.startswith("w_"):
+            # Experts no token chose get exactly no gradient; every chosen one gets some.
+            assert not np.any(np.asarray(a)[unused]), name
+            used = np.unique(idx)
+            assert np.all(np.abs(np.asarray(a)[used]).reshape(len(used), -1).max(-1) > 0), name
+
+
+def test_backend_choice_is_one_place():
+    cfg = load_config("tiny")
+    assert gmm_backend(cfg.replace(moe_backend="ragged_dot")) == "ragged_dot"
+    assert gmm_backend(cfg.replace(moe_backend="blocked")) == "blocked"
+    want = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    assert gmm_backend(cfg.replace(moe_backend="auto")) == want
+
+
+def _scores(rows):
+    s = np.asarray(rows, np.float32)
+    return jnp.asarray(s / s.sum(-1, keepdims=True))
+
+
+def test_group_limit_keeps_groups_by_their_best_expert():
+    """V2 keeps the groups with the highest MAX score (V3 would sum the top two). Group 0 has
+    the single best expert; group 1 has the larger sum of its top two."""
+    cfg = load_config("tiny").replace(
+        n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, norm_topk_prob=False,
+        routed_scaling_factor=1.0, num_device_groups=0, max_devices_per_token=0)
+    s = _scores([[0.40, 0.01, 0.30, 0.29]])
+    idx, w = select_experts(s, cfg)
+    assert sorted(np.asarray(idx)[0].tolist()) == [0, 1]
+    # Greedy over all experts would have taken 0 and 2.
+    idx, _ = select_experts(s, cfg.replace(topk_method="greedy", n_group=1, topk_group=1))
+    assert sorted(np.asarray(idx)[0].tolist()) == [0, 2]
+
+
+def test_scaling_and_normalisation_rules():
+    base = load_config("tiny").replace(
+        n_routed_experts=4, topk_method="greedy", n_group=1, topk_group=1, num_experts_per_tok=2,
+        routed_scaling_factor=16.0, num_device_groups=0, max_devices_per_token=0)
+    s = _scores([[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.3, 0.5]])
+    _, w = select_experts(s, base.replace(norm_topk_prob=False))
+    np.testing.assert_allclose(np.asarray(w), [[8.0, 3.2], [8.0, 4.8]], rtol=1e-6)
+    _, w = select_experts(s, base.replace(norm_topk_prob=True))
+    np.testing.assert_allclose(np.asarray(w), [[5 / 7, 2 / 7], [5 / 8, 3 / 8]], rtol=1e-6)
+    _, w = select_experts(s, base.replace(norm_topk_prob=True, num_experts_per_tok=1))
+    np.testing.assert_allclose(np.asarray(w), [[8.0], [8.0]], rtol=1e-6)
+
+
+def test_device_limit_applies_in_training_only():
+    cfg = load_config("tiny").replace(
+        n_routed_experts=4, topk_method="greedy", n_group=1, topk_group=1, num_experts_per_tok=2,
+        routed_scaling_factor=1.0, num_device_groups=2, max_devices_per_token=1)
+    s = _scores([[0.4, 0.1, 0.3, 0.2]])
+    idx, _ = select_experts(s, cfg, train=False)
+    assert sorted(np.asarray(idx)[0].tolist()) == [0, 2]
+    idx, _ = select_experts(s, cfg, train=True)
+    assert sorted(np.asarray(idx)[0].tolist()) == [0, 1]
