@@ -165,7 +165,9 @@ def train(args: TrainArgs, log=print) -> dict:
                     f"loss or gradients were non-finite for {consecutive_bad} consecutive steps "
                     f"(up to step {step}); stopping. Updates of those steps were skipped; the last "
                     f"good checkpoint is step {kept[-1] if kept else 'none'} in {ckpts.directory}")
-            if step % args.checkpoint_every == 0 or step == last_stop or interrupted:
+            # No checkpoint while steps are non-finite: the newest one stays the last good one.
+            due = step % args.checkpoint_every == 0 or step == last_stop or interrupted
+            if due and consecutive_bad == 0:
                 ckpts.save(step, state, data_iter)
                 last_saved = step
             if interrupted:

@@ -109,7 +109,7 @@ def make_train_step(fns: ModelFns, cfg: DeepseekV2Config, tx: optax.GradientTran
             loss, stats, grads = jax.tree.map(lambda a: a / grad_accum, total)
             stats["ce_sum"] = stats["ce_sum"] * grad_accum
             stats["tokens"] = stats["tokens"] * grad_accum
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

@@ -1,0 +1,132 @@
+"""`dsv2 train` end to end on the tiny preset: loss falls, exact resume, crash safety,
+damaged-checkpoint fallback, non-finite stop, eval and plot."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dsv2_jax.cli import main as cli_main
+from dsv2_jax.train.loop import TrainArgs, TrainingError, train
+
+SMALL = dict(config="tiny", batch_size=4, seq_len=64, log_every=1000, lr=3e-3, warmup_steps=5)
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def _steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(d) if s.isdigit())
+
+
+def test_loss_falls_and_metrics_are_complete(tmp_path):
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=60, checkpoint_every=60, **SMALL))
+    recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [r["step"] for r in recs] == list(range(1, 61))
+    for key in ("loss", "ce", "expert_loss", "device_loss", "comm_loss", "grad_norm", "lr",
+                "tokens_per_sec", "mfu", "load_max_over_mean", "dropped_fraction"):
+        assert key in recs[0], key
+    first, last = np.mean([r["ce"] for r in recs[:5]]), np.mean([r["ce"] for r in recs[-5:]])
+    assert last < first - 1.0, (first, last)
+    assert _steps(wd) == [60]
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(TrainArgs(workdir=a, steps=12, checkpoint_every=100, **SMALL))
+    train(TrainArgs(workdir=b, steps=12, checkpoint_every=100, stop_after=5, **SMALL))
+    assert _steps(b) == [5]
+    train(TrainArgs(workdir=b, steps=12, checkpoint_every=100, **SMALL))
+    assert _losses(a) == _losses(b)  # exact float equality
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=8, checkpoint_every=4, **SMALL))
+    assert _steps(wd) == [4, 8]
+    # Damage every array file of step 8.
+    for root, _, files in os.walk(os.path.join(wd, "checkpoints", "8", "state")):
+        for f in files:
+            if not f.endswith(".json") and not f.startswith("_"):
+                with open(os.path.join(root, f), "r+b") as fh:
+                    fh.truncate(3)
+    logs = []
+    train(TrainArgs(workdir=wd, steps=10, checkpoint_every=100, **SMALL), log=logs.append)
+    assert any("step 8 is damaged" in line for line in logs), logs
+    assert any("resumed from" in line and line.endswith("/4") for line in logs), logs
+    assert os.path.isdir(os.path.join(wd, "damaged", "8"))
+    recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [r["step"] for r in recs] == list(range(1, 11))
+
+
+def test_persistent_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from dsv2_jax.train import step as step_mod
+
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=4, **SMALL))
+    real = step_mod.cross_entropy
+    monkeypatch.setattr(step_mod, "cross_entropy", lambda l, t, m: (real(l, t, m)[0] * jnp.nan, real(l, t, m)[1]))
+    with pytest.raises(TrainingError, match="non-finite for 3 consecutive steps"):
+        train(TrainArgs(workdir=wd, steps=20, checkpoint_every=2, max_nonfinite=3, **SMALL))
+    assert _steps(wd) == [4]
+    recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [r["finite"] for r in recs[-3:]] == [False] * 3
+
+
+def test_sigkill_mid_run_then_rerun_finishes(tmp_path):
+    wd = str(tmp_path / "run")
+    def cmd(steps):
+        return [sys.executable, "-m", "dsv2_jax.cli", "train", "--config", "tiny", "--workdir", wd,
+                "--steps", str(steps), "--batch-size", "2", "--seq-len", "32", "--checkpoint-every", "3"]
+
+    p = subprocess.Popen(cmd(400), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            d = os.path.join(wd, "checkpoints")
+            if os.path.isdir(d) and len([s for s in os.listdir(d) if s.isdigit()]) >= 2:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint appeared")
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    done = _steps(wd)[-1]
+    assert done < 400
+    rc = subprocess.run(cmd(done + 4), capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    assert "resumed from" in rc.stdout + rc.stderr
+    assert _steps(wd)[-1] == done + 4
+
+
+def test_eval_and_plot_cli(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=3, checkpoint_every=3, **SMALL))
+    assert cli_main(["eval", "--model", wd, "--batch-size", "2", "--seq-len", "64", "--max-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "bits/byte" in out and "perplexity" in out
+    assert cli_main(["plot", wd]) == 0
+    assert os.path.getsize(os.path.join(wd, "metrics.png")) > 1000
+
+
+def test_refuses_a_different_config_on_the_same_workdir(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=1, checkpoint_every=1, **SMALL))
+    rc = cli_main(["train", "--config", "tiny", "--workdir", wd, "--steps", "2", "--set", "hidden_size=64"])
+    assert rc == 1
+    assert "different config" in capsys.readouterr().err
