@@ -130,3 +130,73 @@ def test_refuses_a_different_config_on_the_same_workdir(tmp_path, capsys):
     rc = cli_main(["train", "--config", "tiny", "--workdir", wd, "--steps", "2", "--set", "hidden_size=64"])
     assert rc == 1
     assert "different config" in capsys.readouterr().err
+
+
+def test_bf16_compute_remat_and_token_dropping_run(tmp_path):
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=3, checkpoint_every=3,
+                    set=["dtype=bfloat16", "remat=full", "capacity_factor=0.5"], **SMALL))
+    recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert all(r["finite"] for r in recs)
+    assert all(r["dropped_fraction"] > 0 for r in recs)
+    # float32 master weights in the checkpoint
+    from dsv2_jax.train.evaluate import load_for_eval
+    import jax
+
+    cfg, params, _ = load_for_eval(wd)
+    assert cfg.dtype == "bfloat16" and cfg.param_dtype == "float32"
+    assert {str(a.dtype) for a in jax.tree.leaves(params)} == {"float32"}
+
+
+def test_gradient_accumulation_equals_full_batch():
+    import jax
+    import jax.numpy as jnp
+
+    from dsv2_jax import init_model, load_config
+    from dsv2_jax.train.optim import lr_schedule
+    from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
+
+    cfg = load_config("tiny", num_hidden_layers=2)
+    model = init_model(cfg, seed=1)
+    fns, params = ModelFns.from_model(model), params_of(model)
+    import optax
+
+    sched = lr_schedule(1.0, 10, 0, "constant")
+    tx = optax.sgd(sched)  # the parameter change is the (averaged) gradient itself
+    rng = np.random.default_rng(0)
+    B, T = 4, 16
+    ids = rng.integers(0, 256, (B, T + 1))
+    batch = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+             "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.int32)}
+    outs = []
+    for accum in (1, 2):
+        step = jax.jit(make_train_step(fns, cfg.replace(seq_aux=True), tx, sched, accum))
+        state, m = step(init_state(params, tx), batch)
+        outs.append((state["params"], m))
+    (p1, m1), (p2, m2) = outs
+    np.testing.assert_allclose(float(m1["ce"]), float(m2["ce"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
+    for a, b, p0 in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), jax.tree.leaves(params)):
+        g1, g2 = np.asarray(p0) - np.asarray(a), np.asarray(p0) - np.asarray(b)
+        # p0 - p1 carries float32 rounding of p0 (up to half an ulp of 1.0)
+        assert np.abs(g1 - g2).max() <= 1e-5 * np.abs(g1).max() + 1.2e-7
+
+
+def test_init_from_hf_starts_from_its_weights(tmp_path):
+    import jax
+
+    import hf_reference as ref
+    from dsv2_jax import from_pretrained
+    from dsv2_jax.train.evaluate import load_for_eval
+    from dsv2_jax.train.step import params_of
+
+    hf = ref.build(dict(ref.V2, vocab_size=256), seed=5)
+    src = ref.save(hf, str(tmp_path / "hf"))
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=1, checkpoint_every=1, init_from=src,
+                    **dict(SMALL, lr=0.0, warmup_steps=0)))
+    _, params, _ = load_for_eval(wd)
+    want = params_of(from_pretrained(src))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
