@@ -85,8 +85,9 @@ def run_eval(a) -> int:
                        max_batches=a.max_batches)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
+    bpb = "n/a (no byte counts)" if res["bits_per_byte"] is None else f"{res['bits_per_byte']:.4f}"
     print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
-          f"bits/byte {res['bits_per_byte']:.4f}  ({res['tokens']} tokens, {res['bytes']} bytes)")
+          f"bits/byte {bpb}  ({res['tokens']} tokens, {res['bytes']} bytes)")
     return 0
 
 

@@ -61,5 +61,7 @@ def evaluate(model_path: str, data: str, *, batch_size: int = 8, seq_len: int = 
     if tokens == 0:
         raise ValueError(f"--data {data!r}: no evaluation tokens")
     loss = ce_sum / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": ce_sum / (math.log(2) * nbytes),
+    # Pre-tokenised (npy) data carries no byte counts: no bits per byte then.
+    bpb = ce_sum / (math.log(2) * nbytes) if nbytes else None
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bpb,
             "tokens": int(tokens), "bytes": nbytes}

@@ -58,7 +58,7 @@ class TrainArgs:
     stop_after: int | None = None  # stop (with a checkpoint) after this step; for tests
 
 
-def _resolve_config(args: TrainArgs, log) -> DeepseekV2Config:
+def _resolve_config(args: TrainArgs) -> DeepseekV2Config:
     saved = os.path.join(args.workdir, "config.json")
     if args.init_from:
         cfg = DeepseekV2Config.from_hf(os.path.join(args.init_from, "config.json"))
@@ -96,7 +96,7 @@ def train(args: TrainArgs, log=print) -> dict:
     if args.batch_size % args.grad_accum:
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     os.makedirs(args.workdir, exist_ok=True)
-    cfg = _resolve_config(args, log)
+    cfg = _resolve_config(args)
     cfg.save(os.path.join(args.workdir, "config.json"))
     run_json = os.path.join(args.workdir, "run.json")
     if not os.path.exists(run_json):
