@@ -179,6 +179,9 @@ class DeepseekV2Config:
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             bad("first_k_dense_replace", f"{self.first_k_dense_replace} not in "
                 f"[0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.attention_bias:
+            # The model has no bias parameters: building one would silently drop them.
+            bad("attention_bias", "DeepSeek-V2 projections have no biases; true is not supported")
         if self.hidden_act != "silu":
             bad("hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
         if self.n_routed_experts:

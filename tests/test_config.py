@@ -125,6 +125,7 @@ INVALID = [
     (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
     (dict(first_k_dense_replace=4), "first_k_dense_replace"),
     (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(attention_bias=True), "attention_bias"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(rope_scaling={"type": "yarn", "original_max_position_embeddings": 16}), "rope_scaling"),
     (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "rope_scaling"),
