@@ -29,7 +29,8 @@ from dsv2_jax.checkpoint import orbax_io
 from dsv2_jax.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsDir, write_safetensors
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-COMMIT_BYTES = 64 << 20  # Orbax writes: OCDBT transaction size (see orbax_io)
+# Orbax writes commit an OCDBT transaction every max(largest tensor, this) bytes (orbax_io).
+MIN_COMMIT_BYTES = 16 << 20
 _PARAM_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _HF_NAMES = {v: k for k, v in _PARAM_DTYPES.items()}
 # (from, to) pairs where every value of `from` is exactly a value of `to`.
@@ -361,7 +362,9 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
         targets[e.hf_name] = want
     total_bytes = sum(int(np.prod(e.shape, dtype=np.int64)) * DTYPES[targets[e.hf_name]].itemsize
                       for e in entries)
-    commit_bytes = commit_bytes or COMMIT_BYTES
+    largest = max(int(np.prod(e.shape, dtype=np.int64)) * DTYPES[targets[e.hf_name]].itemsize
+                  for e in entries)
+    commit_bytes = commit_bytes or max(largest, MIN_COMMIT_BYTES)
 
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)

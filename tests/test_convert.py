@@ -1,0 +1,554 @@
+"""`dsv2 convert`: HF <-> Orbax round trips (bit-exact), logits of converted models, plain-Orbax
+restores onto meshes, FP8 dequantisation, every refused input, and the memory bound."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from contextlib import redirect_stderr, redirect_stdout
+from io import StringIO
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+import hf_reference as ref
+from dsv2_jax import from_pretrained
+from dsv2_jax.checkpoint import CheckpointError, convert, fp8, orbax_io
+from dsv2_jax.checkpoint.safetensors_io import SafetensorsDir, write_safetensors
+from dsv2_jax.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*argv) -> int:
+    return main(["convert", *map(str, argv)])
+
+
+def _mismatches(a_path, b_path) -> list[str]:
+    """Tensors that differ between two HF directories in name, dtype, shape or any byte."""
+    a, b = SafetensorsDir(str(a_path)), SafetensorsDir(str(b_path))
+    bad = sorted(set(a.keys()) ^ set(b.keys()))
+    for n in set(a.keys()) & set(b.keys()):
+        if (a.dtype_name(n) != b.dtype_name(n) or a.shape(n) != b.shape(n)
+                or a.get(n).tobytes() != b.get(n).tobytes()):
+            bad.append(n)
+    return bad
+
+
+def _ids(vocab, seed=7, shape=(2, 11)):
+    return np.random.default_rng(seed).integers(0, vocab, shape)
+
+
+def _no_leftovers(dst) -> bool:
+    dst = str(dst)
+    return not os.path.lexists(dst) and not glob.glob(os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.dsv2-*"))
+
+
+@pytest.fixture(scope="module")
+def v2_bf16(tmp_path_factory):
+    """A sharded bf16 checkpoint written by transformers' save_pretrained, and its model."""
+    root = tmp_path_factory.mktemp("v2bf16")
+    hf = ref.build(ref.V2, seed=2)
+    path = ref.save(hf, str(root / "hf"), max_shard_size="20KB", dtype=torch.bfloat16)
+    assert os.path.exists(os.path.join(path, SafetensorsDir.INDEX))
+    assert len(glob.glob(os.path.join(path, "*.safetensors"))) > 3
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def v2_orbax(v2_bf16, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("v2orbax") / "ob"
+    assert _cli(v2_bf16[0], dst, "--to", "orbax") == 0
+    return str(dst)
+
+
+# ------------------------------------------------------------------------------------------
+# Round trips and logits.
+
+
+def test_roundtrip_bf16_sharded_is_bit_exact(v2_bf16, v2_orbax, tmp_path, capsys):
+    src, _ = v2_bf16
+    meta = json.load(open(os.path.join(v2_orbax, orbax_io.META_FILE)))
+    assert meta["hf_dtypes"]["default"] == "BF16"
+    reader = orbax_io.OrbaxParams(v2_orbax)
+    # Our layout: stacked experts [L, E, D, F]; the router float32 (exactly widened).
+    assert reader.shape(("segments", 1, "layers", "mlp", "experts", "gate_proj")) == (2, 8, 48, 24)
+    assert reader.dtype(("segments", 1, "layers", "mlp", "gate", "kernel")) == np.float32
+    assert reader.dtype(("embed_tokens", "weight")) == ml_dtypes.bfloat16
+    back = tmp_path / "back"
+    assert _cli(v2_orbax, back, "--to", "hf", "--shard-size", "30KB") == 0
+    out = capsys.readouterr().out
+    assert "tensors" in out and "MB/s" in out  # plain progress when not a TTY
+    assert _mismatches(src, back) == []
+    st = SafetensorsDir(str(back))
+    assert st.dtype_name("model.layers.1.mlp.gate.weight") == "BF16"
+    assert st.shape("model.layers.2.mlp.experts.7.down_proj.weight") == (48, 24)  # [out, in]
+    index = json.load(open(back / SafetensorsDir.INDEX))
+    assert index["metadata"]["total_size"] == st.total_bytes()
+    assert len(set(index["weight_map"].values())) > 1
+    cfg = json.load(open(back / "config.json"))
+    assert cfg["model_type"] == "deepseek_v2" and cfg["architectures"] == ["DeepseekV2ForCausalLM"]
+    assert "rope_scaling" in cfg and "rope_parameters" not in cfg and cfg["torch_dtype"] == "bfloat16"
+
+
+def test_converted_models_give_the_reference_logits(v2_bf16, v2_orbax, tmp_path):
+    """Orbax -> our model equals HF -> our model bit for bit; both match transformers; and
+    transformers loads the exported directory and gives the original model's logits."""
+    from transformers import DeepseekV2ForCausalLM
+
+    src, _ = v2_bf16
+    ids = _ids(ref.V2["vocab_size"])
+    ours_orbax = np.asarray(from_pretrained(v2_orbax, dtype="float32")(ids.astype(np.int32)))
+    ours_hf = np.asarray(from_pretrained(src, dtype="float32")(ids.astype(np.int32)))
+    np.testing.assert_array_equal(ours_orbax, ours_hf)
+    original = DeepseekV2ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    want = ref.logits(original, ids)
+    assert ref.rel_err(ours_orbax, want) <= 1e-5
+    back = tmp_path / "back"
+    assert _cli(v2_orbax, back, "--to", "hf", "--no-progress") == 0
+    exported = DeepseekV2ForCausalLM.from_pretrained(str(back), dtype=torch.float32).eval()
+    np.testing.assert_array_equal(ref.logits(exported, ids), want)
+
+
+def test_roundtrip_f32_official_yarn_config(tmp_path):
+    kw = dict(ref.LITE, rope_parameters=dict(ref.YARN, mscale=0.707))
+    hf = ref.build(kw, seed=4)
+    src = ref.save(hf, str(tmp_path / "hf"), max_shard_size="40KB")
+    ref.to_official_config(src)
+    assert _cli(src, tmp_path / "ob", "--to", "orbax", "--no-progress") == 0
+    ids = _ids(kw["vocab_size"], shape=(2, 30))  # past original_max_position_embeddings = 16
+    model = from_pretrained(str(tmp_path / "ob"))
+    assert model.cfg.param_dtype == "float32" and model.cfg.rope_type == "yarn"
+    assert ref.rel_err(np.asarray(model(ids.astype(np.int32))), ref.logits(hf, ids)) <= 1e-5
+    assert _cli(tmp_path / "ob", tmp_path / "back", "--to", "hf", "--no-progress") == 0
+    assert _mismatches(src, tmp_path / "back") == []
+
+
+def test_dtype_flag_casts_and_records(v2_bf16, v2_orbax, tmp_path):
+    """--dtype float32 widens every tensor exactly; going back without --dtype restores the
+    source's bf16 bit for bit; --dtype on the way out is honoured."""
+    src, _ = v2_bf16
+    assert _cli(src, tmp_path / "ob32", "--to", "orbax", "--dtype", "float32", "--no-progress") == 0
+    r = orbax_io.OrbaxParams(str(tmp_path / "ob32"))
+    assert r.dtype(("embed_tokens", "weight")) == np.float32
+    assert _cli(tmp_path / "ob32", tmp_path / "back", "--to", "hf", "--no-progress") == 0
+    assert _mismatches(src, tmp_path / "back") == []
+    assert _cli(v2_orbax, tmp_path / "f32", "--to", "hf", "--dtype", "float32", "--no-progress") == 0
+    a, b = SafetensorsDir(src), SafetensorsDir(str(tmp_path / "f32"))
+    for n in a.keys():
+        assert b.dtype_name(n) == "F32"
+        np.testing.assert_array_equal(b.get(n), a.get(n).astype(np.float32))
+
+
+def test_refuses_a_silent_narrowing(tmp_path):
+    """A checkpoint mostly bf16 with one float32 tensor: storing it as bf16 would round, so
+    conversion without --dtype refuses, naming the tensor."""
+    hf = ref.build(ref.LITE, seed=1)
+    src = ref.save(hf, str(tmp_path / "hf"), dtype=torch.bfloat16)
+    st = SafetensorsDir(src)
+    names = list(st.keys())
+    arrays = {n: np.array(st.get(n)) for n in names}
+    arrays["model.norm.weight"] = arrays["model.norm.weight"].astype(np.float32) + np.float32(1e-3)
+    os.remove(os.path.join(src, "model.safetensors"))
+    write_safetensors(os.path.join(src, "model.safetensors"),
+                      [(n, "F32" if arrays[n].dtype == np.float32 else "BF16", arrays[n].shape) for n in names],
+                      arrays.__getitem__)
+    err = _expect_refusal(src, tmp_path / "ob", "model.norm.weight")
+    assert "--dtype float32" in err
+    assert _cli(src, tmp_path / "ob", "--to", "orbax", "--dtype", "float32", "--no-progress") == 0
+    assert _cli(tmp_path / "ob", tmp_path / "back", "--to", "hf", "--no-progress") == 0
+    assert _mismatches(src, tmp_path / "back") == []  # the F32 tensor comes back F32
+
+
+# ------------------------------------------------------------------------------------------
+# Plain Orbax: our checkpoints restore with it (onto meshes), and its checkpoints export.
+
+
+_MESH_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, jax, orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from flax import nnx
+    from dsv2_jax.checkpoint import orbax_io
+    from dsv2_jax.checkpoint.hf import _flat, abstract_model
+    from dsv2_jax.config import DeepseekV2Config
+    path = sys.argv[1]
+    cfg = DeepseekV2Config.from_hf(path + "/config.json")
+    _, abs_state = nnx.split(abstract_model(cfg))
+    reader = orbax_io.OrbaxParams(path)
+    for shape in ((2, 2), (4, 1), (1, 4)):
+        mesh = Mesh(np.array(jax.devices()).reshape(shape), ("data", "expert"))
+        def spec(p, v):
+            if "experts" in p and "shared_experts" not in p:
+                return P(None, "expert")          # experts split over the expert axis
+            if len(v.shape) >= 2 and v.shape[-1] % shape[0] == 0:
+                return P(*([None] * (len(v.shape) - 1)), "data")
+            return P()
+        flat = {tuple(p): v for p, v in _flat(abs_state).items()}
+        # 1) plain Orbax: StandardCheckpointer with abstract leaves carrying NamedShardings
+        target = orbax_io.nest({p: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                sharding=NamedSharding(mesh, spec(p, v))) for p, v in flat.items()})
+        got = ocp.StandardCheckpointer().restore(path + "/params", target)
+        # 2) our helper (what the trainer's --init-from uses)
+        mine = orbax_io.restore_params(path, {p: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                       sharding=NamedSharding(mesh, spec(p, v))) for p, v in flat.items()})
+        for p, v in flat.items():
+            a = got
+            for k in p:
+                a = a[str(k)]
+            want = reader.read(p)
+            assert a.sharding == NamedSharding(mesh, spec(p, v)), p
+            assert np.asarray(a).tobytes() == want.tobytes(), p
+            assert np.asarray(mine[p]).tobytes() == want.tobytes(), p
+            assert mine[p].sharding == a.sharding, p
+    # 3) plain Orbax without a target: numpy leaves
+    raw = ocp.PyTreeCheckpointer().restore(path + "/params")
+    e = raw["segments"]["1"]["layers"]["mlp"]["experts"]["up_proj"]
+    assert isinstance(e, np.ndarray) and e.tobytes() == reader.read(
+        ("segments", 1, "layers", "mlp", "experts", "up_proj")).tobytes()
+    print("MESH OK")
+""")
+
+
+def test_plain_orbax_restores_onto_meshes(v2_orbax):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, v2_orbax], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "MESH OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_exports_a_checkpoint_written_by_plain_orbax(v2_bf16, tmp_path):
+    """A checkpoint saved by Orbax's own handlers (e.g. by the trainer) converts to HF."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from transformers import DeepseekV2ForCausalLM
+
+    src, _ = v2_bf16
+    model = from_pretrained(src, dtype="float32")
+    d = tmp_path / "plain"
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(str(d / "params"), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    ckptr.wait_until_finished()
+    model.cfg.save(str(d))
+    assert _cli(d, tmp_path / "hf", "--to", "hf", "--no-progress") == 0
+    ids = _ids(ref.V2["vocab_size"])
+    exported = DeepseekV2ForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    assert SafetensorsDir(str(tmp_path / "hf")).dtype_name("model.layers.1.mlp.gate.weight") == "F32"
+    # Values are the bf16 originals widened: transformers on them equals transformers on src.
+    original = DeepseekV2ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    np.testing.assert_array_equal(ref.logits(exported, ids), ref.logits(original, ids))
+
+
+# ------------------------------------------------------------------------------------------
+# FP8.
+
+
+def _quantise(w: torch.Tensor, block):
+    """Block-wise e4m3 quantisation as DeepSeek does it: scale = amax / 448 per block."""
+    out, inp = w.shape
+    bo, bi = block
+    so, si = -(-out // bo), -(-inp // bi)
+    scale = torch.empty(so, si)
+    q = torch.empty(out, inp, dtype=torch.float8_e4m3fn)
+    for i in range(so):
+        for j in range(si):
+            blk = w[i * bo:(i + 1) * bo, j * bi:(j + 1) * bi].float()
+            s = blk.abs().max().clamp(min=1e-12) / 448.0
+            scale[i, j] = s
+            q[i * bo:(i + 1) * bo, j * bi:(j + 1) * bi] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def _torch_dequant(q: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
+    bo, bi = block
+    full = scale.repeat_interleave(bo, 0).repeat_interleave(bi, 1)[: q.shape[0], : q.shape[1]]
+    return q.to(torch.float32) * full
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+    return t.numpy()
+
+
+def test_fp8_dequantise_matches_torch_with_partial_blocks():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 200, generator=g) * 0.05
+    q, s = _quantise(w, (128, 128))
+    want = _torch_dequant(q, s, (128, 128))
+    got = fp8.dequantize(_np(q), s.numpy(), (128, 128), np.float32)
+    np.testing.assert_array_equal(got, want.numpy())
+    got16 = fp8.dequantize(_np(q), s.numpy(), (128, 128), ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(got16.view(np.int16), _np(want.to(torch.bfloat16)).view(np.int16))
+    with pytest.raises(CheckpointError):  # a mis-shaped scale is refused
+        fp8.dequantize(_np(q), s.numpy()[:, :1], (128, 128))
+
+
+def _fp8_checkpoint(root, block=(8, 8)):
+    """The V2 toy model's checkpoint with every 2-D projection weight quantised block-wise to
+    e4m3 (the DeepSeek FP8 layout; router, norms, embeddings and head stay bf16), the
+    reference dequantisation of every tensor (torch), and a transformers model holding it."""
+    from transformers import DeepseekV2ForCausalLM
+
+    hf = ref.build(ref.V2, seed=9)
+    plain = ref.save(hf, str(root / "plain"))
+    st = SafetensorsDir(plain)
+    tensors, dequant = {}, {}
+    for n in st.keys():
+        t = torch.from_numpy(np.array(st.get(n)))
+        if n.endswith("proj.weight") or n.endswith("proj_with_mqa.weight"):
+            q, s = _quantise(t, block)
+            tensors[n], tensors[n + "_scale_inv"] = _np(q), s.numpy()
+            dequant[n] = _torch_dequant(q, s, block)
+        else:
+            tensors[n] = _np(t.to(torch.bfloat16))
+            dequant[n] = t.to(torch.bfloat16).float()
+    dts = {np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(ml_dtypes.bfloat16): "BF16",
+           np.dtype(np.float32): "F32"}
+    path = str(root / "fp8")
+    os.makedirs(path)
+    c = json.load(open(os.path.join(plain, "config.json")))
+    c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                "weight_block_size": list(block)}
+    json.dump(c, open(os.path.join(path, "config.json"), "w"))
+    write_safetensors(os.path.join(path, "model.safetensors"),
+                      [(n, dts[a.dtype], a.shape) for n, a in tensors.items()], tensors.__getitem__)
+    # The dequantised model, loaded by transformers from its own checkpoint.
+    os.remove(os.path.join(plain, "model.safetensors"))
+    write_safetensors(os.path.join(plain, "model.safetensors"),
+                      [(n, "F32", tuple(t.shape)) for n, t in dequant.items()],
+                      lambda n: dequant[n].numpy(), metadata={"format": "pt"})
+    model = DeepseekV2ForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    return path, model, dequant
+
+
+def test_fp8_checkpoint_is_dequantised_when_asked(tmp_path):
+    path, hf, dequant = _fp8_checkpoint(tmp_path)
+    err = _expect_refusal(path, tmp_path / "ob", "FP8")
+    assert "--dtype" in err and "8x8" in err
+    assert _cli(path, tmp_path / "ob", "--to", "orbax", "--dtype", "float32", "--no-progress") == 0
+    ids = _ids(ref.V2["vocab_size"])
+    ours = np.asarray(from_pretrained(str(tmp_path / "ob"))(ids.astype(np.int32)))
+    assert ref.rel_err(ours, ref.logits(hf, ids)) <= 1e-5
+    assert _cli(tmp_path / "ob", tmp_path / "back", "--to", "hf", "--no-progress") == 0
+    st = SafetensorsDir(str(tmp_path / "back"))
+    assert not any(n.endswith("_scale_inv") for n in st.keys())
+    for n, want in dequant.items():
+        np.testing.assert_array_equal(st.get(n).astype(np.float32), want.numpy(), err_msg=n)
+    # HF -> HF straight to bf16, as DeepSeek's own fp8 -> bf16 script does.
+    assert _cli(path, tmp_path / "bf16", "--to", "hf", "--dtype", "bfloat16", "--no-progress") == 0
+    st = SafetensorsDir(str(tmp_path / "bf16"))
+    n = "model.layers.1.mlp.experts.3.up_proj.weight"
+    np.testing.assert_array_equal(st.get(n).view(np.int16), _np(dequant[n].to(torch.bfloat16)).view(np.int16))
+
+
+def test_fp8_without_scale_is_refused(tmp_path):
+    path, _, _ = _fp8_checkpoint(tmp_path)
+    st = SafetensorsDir(path)
+    arrays = {n: np.array(st.get(n)) for n in st.keys() if n != "model.layers.0.mlp.up_proj.weight_scale_inv"}
+    os.remove(os.path.join(path, "model.safetensors"))
+    write_safetensors(os.path.join(path, "model.safetensors"),
+                      [(n, {1: "F8_E4M3", 2: "BF16", 4: "F32"}[a.itemsize], a.shape) for n, a in arrays.items()],
+                      arrays.__getitem__)
+    err = _expect_refusal(path, tmp_path / "ob", "model.layers.0.mlp.up_proj.weight", "--dtype", "float32")
+    assert "scale" in err
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one line naming the file or tensor, non-zero exit, nothing left at DST.
+
+
+@pytest.fixture
+def lite(tmp_path):
+    hf = ref.build(ref.LITE, seed=3)
+    return ref.save(hf, str(tmp_path / "hf"), max_shard_size="30KB")
+
+
+def _expect_refusal(src, dst, needle, *extra, to="orbax"):
+    """Runs the CLI in-process; checks the exit code, the single stderr line (naming
+    `needle`), and that neither DST nor a temporary sibling exists."""
+    err, out = StringIO(), StringIO()
+    with redirect_stderr(err), redirect_stdout(out):
+        rc = _cli(src, dst, "--to", to, *extra)
+    msg = err.getvalue()
+    assert rc != 0, out.getvalue()
+    assert msg.count("\n") == 1 and msg.startswith("dsv2 convert: error: "), msg
+    assert "Traceback" not in msg
+    assert needle in msg, msg
+    assert _no_leftovers(dst)
+    return msg
+
+
+def _shards(path):
+    return json.load(open(os.path.join(path, SafetensorsDir.INDEX)))["weight_map"]
+
+
+def test_truncated_shard(lite, tmp_path):
+    shard = sorted(set(_shards(lite).values()))[1]
+    p = os.path.join(lite, shard)
+    with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) - 100)
+    _expect_refusal(lite, tmp_path / "ob", shard)
+
+
+def test_corrupted_shard_header(lite, tmp_path):
+    shard = sorted(set(_shards(lite).values()))[0]
+    p = os.path.join(lite, shard)
+    with open(p, "r+b") as f:
+        f.seek(12)
+        f.write(b"\x00garbage\xff")
+    _expect_refusal(lite, tmp_path / "ob", shard)
+
+
+def test_missing_shard(lite, tmp_path):
+    shard = sorted(set(_shards(lite).values()))[-1]
+    os.remove(os.path.join(lite, shard))
+    _expect_refusal(lite, tmp_path / "ob", shard)
+
+
+def test_index_names_a_tensor_its_shard_lacks(lite, tmp_path):
+    wm = _shards(lite)
+    shards = sorted(set(wm.values()))
+    name = next(n for n, s in wm.items() if s == shards[0])
+    wm[name] = shards[1]
+    json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(lite, SafetensorsDir.INDEX), "w"))
+    _expect_refusal(lite, tmp_path / "ob", name)
+
+
+def test_unknown_model_type(lite, tmp_path):
+    p = os.path.join(lite, "config.json")
+    c = json.load(open(p))
+    c["model_type"] = "llama"
+    json.dump(c, open(p, "w"))
+    msg = _expect_refusal(lite, tmp_path / "ob", "config.json")
+    assert "llama" in msg
+
+
+def test_config_disagrees_with_shapes(lite, tmp_path):
+    p = os.path.join(lite, "config.json")
+    c = json.load(open(p))
+    c["moe_intermediate_size"] += 1
+    json.dump(c, open(p, "w"))
+    msg = _expect_refusal(lite, tmp_path / "ob", ".safetensors: tensor 'model.layers.1.mlp.")
+    assert "config expects" in msg
+
+
+def _rewrite(path, drop=(), add=None):
+    """Rewrites a sharded checkpoint without some tensors / with extra ones (index kept true)."""
+    st = SafetensorsDir(path)
+    wm = _shards(path)
+    by_shard: dict = {}
+    for n, s in wm.items():
+        if n not in drop:
+            by_shard.setdefault(s, []).append(n)
+    if add:
+        by_shard[sorted(by_shard)[0]] += list(add)
+    data = {n: np.array(st.get(n)) for s in by_shard for n in by_shard[s] if n in st.where}
+    data.update(add or {})
+    for s, names in by_shard.items():
+        os.remove(os.path.join(path, s))
+        write_safetensors(os.path.join(path, s), [(n, "F32", data[n].shape) for n in names], data.__getitem__)
+    json.dump({"metadata": {}, "weight_map": {n: s for s, ns in by_shard.items() for n in ns}},
+              open(os.path.join(path, SafetensorsDir.INDEX), "w"))
+
+
+def test_missing_tensor(lite, tmp_path):
+    _rewrite(lite, drop={"model.layers.2.mlp.experts.5.down_proj.weight"})
+    _expect_refusal(lite, tmp_path / "ob", "model.layers.2.mlp.experts.5.down_proj.weight")
+
+
+def test_unexpected_tensor(lite, tmp_path):
+    _rewrite(lite, add={"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
+    _expect_refusal(lite, tmp_path / "ob", "rotary_emb.inv_freq")
+
+
+def test_destination_exists_needs_overwrite(lite, tmp_path):
+    dst = tmp_path / "ob"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    err = StringIO()
+    with redirect_stderr(err):
+        assert _cli(lite, dst, "--to", "orbax") == 1
+    assert str(dst) in err.getvalue() and "--overwrite" in err.getvalue()
+    assert (dst / "keep.txt").exists()  # untouched
+    assert _cli(lite, dst, "--to", "orbax", "--overwrite", "--no-progress") == 0
+    assert not (dst / "keep.txt").exists() and orbax_io.is_orbax_checkpoint(str(dst))
+    assert not glob.glob(str(tmp_path / ".ob.dsv2-*"))
+
+
+def test_orbax_source_disagreeing_with_its_config(v2_orbax, tmp_path):
+    src = tmp_path / "ob"
+    shutil.copytree(v2_orbax, src)
+    c = json.load(open(src / "config.json"))
+    c["moe_intermediate_size"] += 2
+    json.dump(c, open(src / "config.json", "w"))
+    msg = _expect_refusal(src, tmp_path / "hf", "'segments.1.layers.mlp.", to="hf")
+    assert "config expects" in msg
+
+
+def test_failure_midway_leaves_nothing(lite, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    orig = convert.HFSource.read
+
+    def flaky(self, e, dtype):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError(28, "No space left on device")
+        return orig(self, e, dtype)
+
+    monkeypatch.setattr(convert.HFSource, "read", flaky)
+    _expect_refusal(lite, tmp_path / "ob", "No space left on device")
+    assert calls["n"] == 20
+
+
+# ------------------------------------------------------------------------------------------
+# Memory: bounded by the largest tensor and the commit size, not the checkpoint size.
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("convert_memory_bench",
+                                                  os.path.join(ROOT, "scripts", "convert_memory_bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_peak_memory_does_not_grow_with_checkpoint_size(tmp_path):
+    bench = _bench()
+    kw = dict(hidden=256, moe_inter=512, experts=16, vocab=2048, inter=1024)
+    commit = 2 << 20
+    runs = {}
+    for layers in (2, 18):
+        hf = str(tmp_path / f"hf{layers}")
+        gen = bench.generate(hf, bench.bench_config(layers, **kw), shard_bytes=40 << 20)
+        runs[layers] = dict(gen=gen,
+                            orbax=bench.measure(hf, str(tmp_path / f"ob{layers}"), "orbax", commit),
+                            hf=bench.measure(str(tmp_path / f"ob{layers}"), str(tmp_path / f"back{layers}"), "hf"))
+        assert bench.compare(hf, str(tmp_path / f"back{layers}"))[0] == 0
+    small, big = runs[2], runs[18]
+    grow = big["gen"]["bytes"] - small["gen"]["bytes"]
+    largest = big["gen"]["largest_tensor"]
+    assert largest == small["gen"]["largest_tensor"] and grow > 150e6
+    for d in ("orbax", "hf"):
+        extra_small = small[d]["peak_rss"] - small[d]["baseline_rss"]
+        extra_big = big[d]["peak_rss"] - big[d]["baseline_rss"]
+        print(f"{d}: {small['gen']['bytes'] / 1e6:.0f} MB -> +{extra_small / 1e6:.0f} MB RSS; "
+              f"{big['gen']['bytes'] / 1e6:.0f} MB -> +{extra_big / 1e6:.0f} MB RSS")
+        assert extra_big - extra_small < 0.1 * grow, (d, extra_small, extra_big)
+        assert extra_big < 100e6 + 8 * max(largest, commit), (d, extra_big)
+    # The measurement can fail: one OCDBT transaction for the whole checkpoint holds all of it
+    # (zstd-compressed, as tensorstore encodes chunks that are fully overwritten).
+    unbounded = bench.measure(str(tmp_path / "hf18"), str(tmp_path / "ob_unbounded"), "orbax", 1 << 40)
+    extra_unbounded = unbounded["peak_rss"] - unbounded["baseline_rss"]
+    print(f"one transaction: +{extra_unbounded / 1e6:.0f} MB RSS")
+    assert extra_unbounded - (big["orbax"]["peak_rss"] - big["orbax"]["baseline_rss"]) > 0.3 * grow
