@@ -291,7 +291,7 @@ class DeepseekV2Config:
             out[k] = d[k]
         if out["rope_scaling"] is not None:
             out["rope_scaling"] = dict(out["rope_scaling"])
-        out["torch_dtype"] = "bfloat16" if self.param_dtype == "bfloat16" else "float32"
+        out["torch_dtype"] = self.param_dtype
         out["dsv2_jax"] = {k: d[k] for k in d if k not in out}
         return out
 

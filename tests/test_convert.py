@@ -552,3 +552,20 @@ def test_peak_memory_does_not_grow_with_checkpoint_size(tmp_path):
     extra_unbounded = unbounded["peak_rss"] - unbounded["baseline_rss"]
     print(f"one transaction: +{extra_unbounded / 1e6:.0f} MB RSS")
     assert extra_unbounded - (big["orbax"]["peak_rss"] - big["orbax"]["baseline_rss"]) > 0.3 * grow
+
+
+def test_training_workdir_exports_to_hf(tmp_path):
+    """`dsv2 convert WORKDIR DST --to hf` exports the newest training checkpoint's parameters;
+    transformers loads them and gives our logits."""
+    from transformers import DeepseekV2ForCausalLM
+
+    from dsv2_jax.train.loop import TrainArgs, train
+
+    wd = tmp_path / "run"
+    train(TrainArgs(config="tiny", workdir=str(wd), steps=2, checkpoint_every=1, batch_size=2,
+                    seq_len=32, log_every=1000, set=["num_hidden_layers=2"]))
+    ours = from_pretrained(str(wd))
+    assert _cli(wd, tmp_path / "hf", "--to", "hf", "--no-progress") == 0
+    exported = DeepseekV2ForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids = _ids(256, shape=(2, 9))
+    assert ref.rel_err(ref.logits(exported, ids), np.asarray(ours(ids.astype(np.int32)))) <= 1e-5

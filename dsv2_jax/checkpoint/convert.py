@@ -132,7 +132,8 @@ class OrbaxSource:
     def __init__(self, path: str):
         self.path = path
         self.cfg, _ = _read_config(path)
-        self.reader = orbax_io.OrbaxParams(path)
+        self.dir, self.prefix = orbax_io.params_location(path)
+        self.reader = orbax_io.OrbaxParams(self.dir, self.prefix)
         self.meta = orbax_io.read_meta(path)
         hf = self.meta.get("hf_dtypes") or {}
         self._hf_default = hf.get("default")
@@ -142,7 +143,7 @@ class OrbaxSource:
         return self.cfg.param_dtype
 
     def check(self, entries, abs_flat) -> None:
-        orbax_io.check_params(self.path, {p: v.shape for p, v in abs_flat.items()})
+        orbax_io.check_params(self.dir, {p: v.shape for p, v in abs_flat.items()}, self.prefix)
         for p in abs_flat:
             dt = self.reader.dtype(p)
             if dt not in DTYPE_NAMES:
@@ -168,7 +169,7 @@ class OrbaxSource:
 def open_source(path: str):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if orbax_io.is_orbax_checkpoint(path):
+    if orbax_io.is_orbax_checkpoint(path) or orbax_io.is_training_workdir(path):
         return OrbaxSource(path)
     return HFSource(path)
 

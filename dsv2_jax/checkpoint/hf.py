@@ -165,7 +165,7 @@ def from_pretrained(path, dtype=None, compute_dtype=None, **overrides) -> Deepse
     path = os.fspath(path)
     from dsv2_jax.checkpoint import orbax_io
 
-    if orbax_io.is_orbax_checkpoint(path):
+    if orbax_io.is_orbax_checkpoint(path) or orbax_io.is_training_workdir(path):
         return orbax_io.load_model(path, dtype=dtype, compute_dtype=compute_dtype, **overrides)
     cfg = DeepseekV2Config.from_hf(path)
     src = SafetensorsDir(path)

@@ -48,6 +48,34 @@ def is_orbax_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.exists(os.path.join(path, CONFIG_FILE))
 
 
+# A `dsv2 train` workdir keeps whole training states under checkpoints/STEP/state; the
+# parameters are the subtree under this key.
+TRAIN_PARAMS_PREFIX = ("params",)
+
+
+def is_training_workdir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, CONFIG_FILE))
+
+
+def training_state_dir(workdir: str) -> str:
+    """The Orbax state directory of the newest complete step of a training workdir."""
+    ckdir = os.path.join(workdir, "checkpoints")
+    steps = sorted((int(s) for s in os.listdir(ckdir) if s.isdigit()), reverse=True)
+    for step in steps:
+        d = os.path.join(ckdir, str(step), "state")
+        if os.path.exists(os.path.join(d, "_METADATA")):
+            return d
+    raise CheckpointError(f"{ckdir}: no complete training checkpoint")
+
+
+def params_location(path: str) -> tuple[str, tuple]:
+    """(Orbax PyTree directory, key prefix of the parameters) of a converted checkpoint or a
+    training workdir."""
+    if is_training_workdir(path):
+        return training_state_dir(path), TRAIN_PARAMS_PREFIX
+    return params_dir(path), ()
+
+
 def params_dir(path: str) -> str:
     """The Orbax PyTree directory of a checkpoint directory (or the directory itself)."""
     path = os.fspath(path)
@@ -200,7 +228,7 @@ def save_streamed(directory: str, tree: dict, *, commit_bytes: int = 64 << 20,
 class OrbaxParams:
     """Random access to the arrays of an Orbax PyTree checkpoint, one slice at a time."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, prefix: tuple = ()):
         self.dir = os.path.abspath(params_dir(path))
         meta_path = os.path.join(self.dir, "_METADATA")
         try:
@@ -217,11 +245,17 @@ class OrbaxParams:
         # Our trees are plain dicts; a checkpoint of `nnx.state(...)` itself has a trailing
         # '.value' key per leaf: accept both.
         self.names: dict[tuple, str] = {}
+        # Only leaves under `prefix` (e.g. the params of a whole training state), addressed
+        # without it.
+        n = len(prefix)
         for entry in tree.values():
-            keys = tuple(str(k["key"]) for k in entry["key_metadata"])
+            full = tuple(str(k["key"]) for k in entry["key_metadata"])
+            if full[:n] != tuple(prefix):
+                continue
+            keys = full[n:]
             if keys and keys[-1] == "value":
-                self.names.setdefault(keys[:-1], param_name(keys))
-            self.names[keys] = param_name(keys)
+                self.names.setdefault(keys[:-1], param_name(full))
+            self.names[keys] = param_name(full)
         self._stores: dict[str, Any] = {}
         self._ctx = None
 
@@ -308,10 +342,10 @@ def _leaf_target(leaf):
     return jax.ShapeDtypeStruct(tuple(value.shape), value.dtype, sharding=sharding)
 
 
-def check_params(path: str, expected: dict) -> None:
+def check_params(path: str, expected: dict, prefix: tuple = ()) -> None:
     """Every expected {path: shape} is in the checkpoint with that shape, and nothing else
     is; otherwise a `CheckpointError` naming the parameter."""
-    reader = OrbaxParams(path)
+    reader = OrbaxParams(path, prefix)
     want = {tuple(str(k) for k in p) for p in expected}
     for p, shape in expected.items():
         if not reader.has(p):
@@ -326,7 +360,7 @@ def check_params(path: str, expected: dict) -> None:
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
-def restore_params(path: str, abstract_state):
+def restore_params(path: str, abstract_state, prefix: tuple = ()):
     """Restores the parameters of a checkpoint directory (or its `params/` directory) onto the
     shardings of `abstract_state`, with plain Orbax (`StandardRestore`): any mesh works, each
     device reading only its part.
@@ -335,23 +369,32 @@ def restore_params(path: str, abstract_state):
     `jax.ShapeDtypeStruct`s with a `.sharding`, e.g. from `jax.eval_shape` under a mesh), or a
     flat {path tuple: ShapeDtypeStruct} dict. Leaves without a sharding go to the first
     device; dtypes are cast to the abstract ones on restore. Returns the same kind of object
-    holding `jax.Array`s.
+    holding `jax.Array`s. `prefix`: the key path of the parameters inside a larger tree (a
+    training state), restored alone.
     """
+    import jax
     import orbax.checkpoint as ocp
     from flax import nnx
 
     is_state = isinstance(abstract_state, nnx.State)
     flat = (list(nnx.to_flat_state(abstract_state)) if is_state else list(abstract_state.items()))
     targets = {tuple(p): _leaf_target(v) for p, v in flat}
-    check_params(path, {p: t.shape for p, t in targets.items()})
+    check_params(path, {p: t.shape for p, t in targets.items()}, prefix)
     directory = os.path.abspath(params_dir(path))
-    reader = OrbaxParams(directory)
+    reader = OrbaxParams(directory, prefix)
     names = {p: reader.names[tuple(str(k) for k in p)] for p in targets}
     # Restore by the checkpoint's own key paths (plain dicts, or nnx.State's '.value' leaves).
     tree = nest({tuple(names[p].split(".")): t for p, t in targets.items()})
-    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    if prefix:  # a subtree of a larger checkpoint: a partial restore
+        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(
+            sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), tree)
+        args = ocp.args.PyTreeRestore(tree, restore_args=restore_args, partial_restore=True)
+    else:
+        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        args = ocp.args.StandardRestore(tree)
     try:
-        restored = ckptr.restore(directory, args=ocp.args.StandardRestore(tree))
+        restored = ckptr.restore(directory, args=args)
     except Exception as e:
         raise CheckpointError(f"{directory}: Orbax restore failed: {_first_line(e)}") from None
     finally:
@@ -369,10 +412,12 @@ def restore_params(path: str, abstract_state):
 
 
 def load_model(path, dtype=None, compute_dtype=None, **overrides):
-    """A `DeepseekV2ForCausalLM` from a dsv2_jax Orbax checkpoint directory.
+    """A `DeepseekV2ForCausalLM` from a dsv2_jax Orbax checkpoint directory or a training
+    workdir (its newest complete step).
 
     dtype: parameter dtype (default: the checkpoint's param_dtype); the router stays float32.
-    compute_dtype: activation dtype (default: the parameter dtype).
+    compute_dtype: activation dtype (default: the checkpoint's when no dtype is given, else
+    the parameter dtype).
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -386,6 +431,9 @@ def load_model(path, dtype=None, compute_dtype=None, **overrides):
     except ValueError as e:
         raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)}: {e}") from None
     pdt = jnp.dtype(dtype or cfg.param_dtype).name
-    cfg = cfg.replace(param_dtype=pdt, dtype=jnp.dtype(compute_dtype or pdt).name, **overrides)
+    # Without either dtype, the checkpoint's own pair (e.g. f32 master weights, bf16 compute).
+    cdt = compute_dtype or (cfg.dtype if dtype is None else pdt)
+    cfg = cfg.replace(param_dtype=pdt, dtype=jnp.dtype(cdt).name, **overrides)
     graphdef, abs_state = nnx.split(abstract_model(cfg))
-    return nnx.merge(graphdef, restore_params(path, abs_state))
+    directory, prefix = params_location(path)
+    return nnx.merge(graphdef, restore_params(directory, abs_state, prefix))

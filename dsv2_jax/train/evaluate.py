@@ -2,42 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
-from dsv2_jax.config import DeepseekV2Config
-from dsv2_jax.train.step import ModelFns, init_state, make_eval_step, params_of
+from dsv2_jax.train.step import ModelFns, make_eval_step, params_of
 
 
 def load_for_eval(path: str):
-    """(model config, params pure dict, ModelFns) from a training workdir (newest good
+    """(model config, params pure dict, ModelFns) from a training workdir (its newest complete
     checkpoint), an HF directory or a dsv2 Orbax checkpoint."""
-    from flax import nnx
-
-    from dsv2_jax.model import DeepseekV2ForCausalLM
-
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        from dsv2_jax.train.checkpointing import TrainCheckpoints
-        from dsv2_jax.train.optim import lr_schedule, make_optimizer
-
-        cfg = DeepseekV2Config.from_hf(os.path.join(path, "config.json"))
-        with open(os.path.join(path, "run.json")) as f:
-            run = json.load(f)
-        model = nnx.eval_shape(lambda: DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
-        tx = make_optimizer(lr_schedule(run["lr"], run["steps"], 0, "constant"),
-                            weight_decay=run["weight_decay"], clip=run["clip"])
-        params = params_of(model)
-        abstract = jax.eval_shape(lambda p: init_state(p, tx), params)
-        ckpts = TrainCheckpoints(os.path.join(path, "checkpoints"), keep=run["keep_checkpoints"])
-        step, state = ckpts.restore_latest(abstract, None)
-        ckpts.close()
-        if step is None:
-            raise FileNotFoundError(f"{path}: the training workdir has no checkpoint yet")
-        return cfg, state["params"], ModelFns.from_model(model)
     from dsv2_jax import from_pretrained
 
     model = from_pretrained(path)
