@@ -59,12 +59,12 @@ def loss_and_stats(fns: ModelFns, cfg: DeepseekV2Config, params, batch, *, train
     B = batch["inputs"].shape[0]
     zero = jnp.zeros((), jnp.float32)
     aux = {"expert": zero, "device": zero, "comm": zero}
-    counts, kept = [], []
+    counts, dropped = [], []
     for r in routers:  # one stacked RouterOutput per MoE segment, leading axis = layer
         per_layer = jax.vmap(lambda rr: balance_losses(rr, cfg, B))(r)
         aux = {k: aux[k] + jnp.sum(per_layer[k]) for k in aux}
         counts.append(r.expert_counts)
-        kept.append(r.keep.astype(jnp.float32).mean(axis=(1, 2)))
+        dropped.append((~r.keep).astype(jnp.float32).mean(axis=(1, 2)))
     total = (ce + cfg.aux_loss_alpha * aux["expert"] + cfg.device_aux_loss_alpha * aux["device"]
              + cfg.comm_aux_loss_alpha * aux["comm"])
     stats = {"ce": ce, "ce_sum": ce_sum, "tokens": n, "expert_loss": aux["expert"],
@@ -73,7 +73,7 @@ def loss_and_stats(fns: ModelFns, cfg: DeepseekV2Config, params, batch, *, train
         c = jnp.concatenate(counts).astype(jnp.float32)  # [L_moe, E]
         stats["load_max_over_mean"] = jnp.mean(jnp.max(c, -1) / jnp.maximum(jnp.mean(c, -1), 1e-9))
         stats["load_min_over_mean"] = jnp.mean(jnp.min(c, -1) / jnp.maximum(jnp.mean(c, -1), 1e-9))
-        stats["dropped_fraction"] = 1.0 - jnp.mean(jnp.concatenate(kept))
+        stats["dropped_fraction"] = jnp.mean(jnp.concatenate(dropped))
     return total, stats
 
 
