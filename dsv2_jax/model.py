@@ -80,7 +80,7 @@ class LayerStack(nnx.Module):
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        return jax.lax.scan(body, x, state)
+        return jax.lax.scan(body, x, state, unroll=max(1, min(self.cfg.scan_unroll, self.count)))
 
 
 class DeepseekV2ForCausalLM(nnx.Module):
