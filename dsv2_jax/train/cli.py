@@ -20,7 +20,9 @@ def add_cli(sub) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    p.add_argument("--mesh", default=None, help="axis=n,... (single device only for now)")
+    p.add_argument("--mesh", default=None,
+                   help="axis=n,... over data,fsdp,expert,tensor (only data > 1 so far); "
+                        "default: all devices on data")
     p.add_argument("--data", default=d.data, help="data SPEC (see docs/data.md); default: stdlib")
     p.add_argument("--init-from", default=None, help="HF safetensors dir or dsv2 Orbax checkpoint")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")

@@ -18,8 +18,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from dsv2_jax.config import DeepseekV2Config, load_config
 from dsv2_jax.train import metrics as M
@@ -88,11 +86,16 @@ def _init_params(cfg: DeepseekV2Config, args: TrainArgs):
 
 def train(args: TrainArgs, log=print) -> dict:
     """Runs (or resumes) training; returns the last step's metrics."""
-    if args.mesh:
-        sizes = [int(kv.split("=")[1]) for kv in args.mesh.split(",") if kv]
-        if int(np.prod(sizes)) != 1:
-            raise TrainingError("--mesh with more than one device is not supported yet "
-                                "(expert-parallel meshes come with the sharding work)")
+    from dsv2_jax.sharding.mesh import batch_sharding, make_mesh, replicated
+
+    try:
+        mesh = make_mesh(args.mesh)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if args.batch_size % n_batch_shards or args.batch_size % jax.process_count():
+        raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {n_batch_shards} "
+                            f"data-parallel devices and {jax.process_count()} processes")
     if args.batch_size % args.grad_accum:
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     os.makedirs(args.workdir, exist_ok=True)
@@ -105,7 +108,9 @@ def train(args: TrainArgs, log=print) -> dict:
 
     from dsv2_jax.train.data import make_train_iter
 
-    data_iter = make_train_iter(args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+    # Each process reads its own share of the global batch.
+    data_iter = make_train_iter(args.data, seq_len=args.seq_len,
+                                batch_size=args.batch_size // jax.process_count(),
                                 seed=args.seed, vocab_size=cfg.vocab_size)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(2000, args.steps // 10)
     schedule = lr_schedule(args.lr, args.steps, warmup, args.schedule)
@@ -121,12 +126,16 @@ def train(args: TrainArgs, log=print) -> dict:
         model = nnx.eval_shape(lambda: DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
     fns = ModelFns.from_model(model)
     params = params_of(model)
+    # Parameters and optimizer state are replicated over the mesh; batches are split over
+    # its data axes.
+    rep, bsh = replicated(mesh), batch_sharding(mesh)
     if ckpts.steps():
-        abstract = jax.eval_shape(lambda p: init_state(p, tx), params)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                                jax.eval_shape(lambda p: init_state(p, tx), params))
         step0, state = ckpts.restore_latest(abstract, data_iter)
         log(f"resumed from {ckpts.directory}/{step0}")
     else:
-        step0, state = 0, init_state(params, tx)
+        step0, state = 0, jax.device_put(init_state(params, tx), rep)
     del model, params
 
     step_fn = jax.jit(make_train_step(fns, cfg, tx, schedule, args.grad_accum), donate_argnums=0)
@@ -145,7 +154,8 @@ def train(args: TrainArgs, log=print) -> dict:
         step = step0
         while step < last_stop:
             batch = next(data_iter)
-            batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "num_bytes"}
+            batch = {k: jax.make_array_from_process_local_data(bsh, v)
+                     for k, v in batch.items() if k != "num_bytes"}
             t0 = time.perf_counter()
             state, m = step_fn(state, batch)
             m = jax.device_get(m)
