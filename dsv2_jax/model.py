@@ -40,12 +40,12 @@ class DecoderLayer(nnx.Module):
                            dtype=dtype_of(cfg.dtype), param_dtype=pdt)
         self.is_moe = moe
 
-    def __call__(self, x, cos, sin, mask, *, train: bool = False):
-        """Returns (x, router output or None)."""
+    def __call__(self, x, cos, sin, mask, valid=None, *, train: bool = False):
+        """valid [B,T] bool marks real (non-padding) tokens. Returns (x, router output or None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            h, router = self.mlp(h, train=train)
+            h, router = self.mlp(h, train=train, valid=valid)
         else:
             h, router = self.mlp(h), None
         return x + h, router
@@ -70,12 +70,12 @@ class LayerStack(nnx.Module):
         self.cfg, self.moe, self.first, self.count = cfg, moe, first, count
         self.layers = _stacked(lambda r: DecoderLayer(cfg, moe, rngs=r), count, rngs)
 
-    def __call__(self, x, cos, sin, mask, *, train: bool = False):
+    def __call__(self, x, cos, sin, mask, valid=None, *, train: bool = False):
         graphdef, state = nnx.split(self.layers)
 
         def body(h, layer_state):
             layer = nnx.merge(graphdef, layer_state)
-            h, router = layer(h, cos, sin, mask, train=train)
+            h, router = layer(h, cos, sin, mask, valid, train=train)
             return h, router
 
         if self.cfg.remat != "none":
@@ -112,7 +112,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
         x = self.embed_tokens(input_ids)
         routers = []
         for seg in self.segments:
-            x, router = seg(x, cos, sin, mask, train=train)
+            x, router = seg(x, cos, sin, mask, segment_ids > 0, train=train)
             if seg.moe:
                 routers.append(router)
         return self.norm(x), routers

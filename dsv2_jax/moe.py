@@ -35,8 +35,9 @@ class RouterOutput:
     scores: jax.Array  # [T, E] float32 softmax over all routed experts
     topk_idx: jax.Array  # [T, K] int32 chosen experts
     topk_weight: jax.Array  # [T, K] float32 combine weights (after norm / scaling; 0 if dropped)
-    expert_counts: jax.Array  # [E] int32 tokens routed to each expert (before dropping)
+    expert_counts: jax.Array  # [E] int32 real tokens routed to each expert (before dropping)
     keep: jax.Array  # [T, K] bool, False where token dropping removed the assignment
+    valid: jax.Array  # [T] bool, False for padding tokens (not counted, never kept when dropping)
 
 
 def _limit_to_groups(scores, n_groups: int, keep: int):
@@ -80,21 +81,25 @@ class Router(nnx.Module):
         self.kernel = normal_param(rngs, (cfg.hidden_size, cfg.n_routed_experts),
                                    cfg.initializer_range, jnp.float32, ("embed", "exp"))
 
-    def __call__(self, x, *, train: bool = False, batch: int = 1) -> RouterOutput:
-        """x [T, D] (batch sequences of T/batch tokens) -> RouterOutput. Token dropping applies
-        only with train=True and a capacity_factor."""
+    def __call__(self, x, *, train: bool = False, batch: int = 1, valid=None) -> RouterOutput:
+        """x [T, D] (batch sequences of T/batch tokens), valid [T] bool (None: all real
+        tokens) -> RouterOutput. Token dropping applies only with train=True and a
+        capacity_factor."""
         cfg = self.cfg
+        valid = jnp.ones(x.shape[0], bool) if valid is None else valid
         logits = jnp.einsum("td,de->te", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
         scores = jax.nn.softmax(logits, axis=-1)
         idx, weight = select_experts(scores, cfg, train=train)
-        counts = jnp.bincount(idx.reshape(-1), length=cfg.n_routed_experts).astype(jnp.int32)
+        counts = jnp.zeros(cfg.n_routed_experts, jnp.int32).at[idx.reshape(-1)].add(
+            jnp.repeat(valid, idx.shape[1]).astype(jnp.int32))
         keep = jnp.ones(idx.shape, bool)
         if train and cfg.capacity_factor is not None:
             protected = never_drop_tokens(batch, x.shape[0] // batch, cfg.never_drop_fraction)
-            keep = capacity_keep(idx, jnp.take_along_axis(scores, idx, axis=1), protected,
-                                 cfg.n_routed_experts, drop_groups(cfg), cfg.capacity_factor)
+            keep = capacity_keep(idx, jnp.take_along_axis(scores, idx, axis=1), protected & valid,
+                                 cfg.n_routed_experts, drop_groups(cfg), cfg.capacity_factor,
+                                 valid=valid)
             weight = jnp.where(keep, weight, 0.0)
-        return RouterOutput(logits, scores, idx, weight, counts, keep)
+        return RouterOutput(logits, scores, idx, weight, counts, keep, valid)
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,34 +112,43 @@ def drop_groups(cfg: DeepseekV2Config) -> int:
 
 
 def never_drop_tokens(batch: int, seq: int, fraction: float):
-    """[batch*seq] bool: tokens of the first ceil(fraction * batch) sequences of the batch.
-    Training batches are shuffled, so these are a random `fraction` of training sequences."""
-    n = min(batch, math.ceil(fraction * batch - 1e-9))
-    return jnp.repeat(jnp.arange(batch) < n, seq)
+    """[batch*seq] bool: tokens of the first round(fraction * batch) sequences of the batch
+    (at least one when fraction > 0 and batch >= 2). Training batches are shuffled, so these
+    are a random ~`fraction` of training sequences; a batch of one sequence is never
+    protected, so that dropping still applies."""
+    n = int(fraction * batch + 0.5)
+    if fraction > 0 and batch >= 2:
+        n = max(n, 1)
+    return jnp.repeat(jnp.arange(batch) < min(n, batch), seq)
 
 
-def capacity_keep(idx, affinity, protected, n_experts: int, n_groups: int, capacity_factor: float):
+def capacity_keep(idx, affinity, protected, n_experts: int, n_groups: int, capacity_factor: float,
+                  valid=None):
     """Which (token, expert) assignments survive a per-group capacity.
 
-    idx, affinity [T, K] (chosen experts and their router scores), protected [T] bool.
-    Each group of n_experts / n_groups experts accepts capacity = ceil(capacity_factor * T*K /
-    n_groups) assignments, the average load times the factor. Over capacity the
-    lowest-affinity assignments are dropped; protected tokens' assignments are never dropped
-    (they are ranked first and kept even beyond capacity).
+    idx, affinity [T, K] (chosen experts and their router scores), protected [T] bool,
+    valid [T] bool (padding tokens False; default all real).
+    Each group of n_experts / n_groups experts accepts capacity = ceil(capacity_factor * R*K /
+    n_groups) assignments, R the number of real tokens: the average load times the factor.
+    Over capacity the lowest-affinity assignments are dropped; protected tokens' assignments
+    are never dropped (they are ranked first and kept even beyond capacity); padding is
+    ranked last and never kept.
     """
     T, K = idx.shape
-    capacity = math.ceil(capacity_factor * T * K / n_groups)
+    valid = jnp.ones(T, bool) if valid is None else valid
+    capacity = jnp.ceil(capacity_factor * jnp.sum(valid) * K / n_groups)
     group = (idx // (n_experts // n_groups)).reshape(-1)
     prot = jnp.repeat(protected, K)
-    # Rank within each group by (protected first, then affinity descending): one stable sort
-    # on a composite key, group-major.
-    priority = affinity.reshape(-1).astype(jnp.float32) + 2.0 * prot
+    real = jnp.repeat(valid, K)
+    # Rank within each group by (protected first, then affinity descending, padding last):
+    # one stable sort on a composite key, group-major.
+    priority = affinity.reshape(-1).astype(jnp.float32) + 2.0 * prot - 4.0 * ~real
     order = jnp.lexsort((-priority, group))
     sorted_group = group[order]
     first_of_group = jnp.searchsorted(sorted_group, jnp.arange(n_groups))
     rank_sorted = jnp.arange(T * K) - first_of_group[sorted_group]
     rank = jnp.zeros(T * K, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
-    return ((rank < capacity) | prot).reshape(T, K)
+    return (((rank < capacity) | prot) & real).reshape(T, K)
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,27 +162,29 @@ def balance_losses(r: RouterOutput, cfg: DeepseekV2Config, batch: int, n_groups:
     expert:  sum_i f_i P_i,       f_i = E/(K T) sum_t 1(t chooses i),  P_i = mean_t s_{i,t}
     device:  sum_d f'_d P'_d,     f'_d = mean_{i in d} f_i,            P'_d = sum_{i in d} P_i
     comm:    sum_d f''_d P''_d,   f''_d = D/(M T) sum_t 1(t sent to d), P''_d = P'_d
-    T counts the tokens of one sequence (seq_aux) or of the whole batch. The choices counted
-    are the router's top-K before any dropping. D device groups default to
+    T counts the real (non-padding) tokens of one sequence (seq_aux) or of the whole batch;
+    padding tokens count nowhere. The choices counted are the router's top-K before any
+    dropping. D device groups default to
     cfg.num_device_groups (0: device and comm losses are 0); M defaults to
     cfg.max_devices_per_token, else min(K, D).
     """
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     D = n_groups if n_groups is not None else cfg.num_device_groups
     lanes = batch if cfg.seq_aux else 1
-    scores = r.scores.reshape(lanes, -1, E)
+    real = r.valid.reshape(lanes, -1, 1).astype(jnp.float32)
+    scores = r.scores.reshape(lanes, -1, E) * real
     idx = r.topk_idx.reshape(lanes, -1, K)
-    T = scores.shape[1]
-    chosen = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32), axis=2)  # [lanes, T, E]
-    f = chosen.sum(axis=1) * (E / (K * T))
-    P = scores.mean(axis=1)
+    T = jnp.maximum(real.sum(axis=1), 1.0)  # [lanes, 1] real tokens per lane
+    chosen = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32), axis=2) * real  # [lanes, S, E]
+    f = chosen.sum(axis=1) * (E / K) / T
+    P = scores.sum(axis=1) / T
     out = {"expert": jnp.mean(jnp.sum(f * P, axis=-1))}
     if D:
         M = max_groups_per_token or cfg.max_devices_per_token or min(K, D)
         fd = f.reshape(lanes, D, E // D).mean(-1)
         Pd = P.reshape(lanes, D, E // D).sum(-1)
-        sent = chosen.reshape(lanes, T, D, E // D).max(-1)  # [lanes, T, D] 0/1
-        fc = sent.sum(axis=1) * (D / (M * T))
+        sent = chosen.reshape(lanes, chosen.shape[1], D, E // D).max(-1)  # [lanes, S, D] 0/1
+        fc = sent.sum(axis=1) * (D / M) / T
         out["device"] = jnp.mean(jnp.sum(fd * Pd, axis=-1))
         out["comm"] = jnp.mean(jnp.sum(fc * Pd, axis=-1))
     else:
@@ -292,11 +308,12 @@ class MoE(nnx.Module):
                 param_dtype=dtype_of(cfg.param_dtype), hidden_axis="moe_mlp")
             if cfg.n_shared_experts else None)
 
-    def __call__(self, x, *, train: bool = False):
-        """x [B, T, D] -> (y [B, T, D], RouterOutput over the B*T tokens)."""
+    def __call__(self, x, *, train: bool = False, valid=None):
+        """x [B, T, D], valid [B, T] bool (False at padding; None: all real)
+        -> (y [B, T, D], RouterOutput over the B*T tokens)."""
         B, T, D = x.shape
         xt = x.reshape(B * T, D)
-        r = self.gate(xt, train=train, batch=B)
+        r = self.gate(xt, train=train, batch=B, valid=None if valid is None else valid.reshape(-1))
         e = self.experts
         dropping = train and self.cfg.capacity_factor is not None
         y = routed_experts(xt, r.topk_idx, r.topk_weight, e.gate_proj[...], e.up_proj[...],

@@ -28,7 +28,8 @@ def _cfg(**kw):
 def _router_out(scores, idx):
     T, K = idx.shape
     return RouterOutput(jnp.log(scores), jnp.asarray(scores), jnp.asarray(idx, jnp.int32),
-                        jnp.ones((T, K)), jnp.zeros(scores.shape[1], jnp.int32), jnp.ones((T, K), bool))
+                        jnp.ones((T, K)), jnp.zeros(scores.shape[1], jnp.int32), jnp.ones((T, K), bool),
+                        jnp.ones(T, bool))
 
 
 def _numpy_losses(scores, idx, B, E, K, D, M, seq_aux):
@@ -198,3 +199,32 @@ def _hf_expert_grad(hf, tgrads, name):
         return tgrads[base + "down_proj"][e]
     gu = tgrads[base + "gate_up_proj"][e]
     return gu[:F] if proj == "gate_proj" else gu[F:]
+
+
+def test_padding_tokens_count_nowhere():
+    """Balance losses and counts with padding equal those of the real tokens alone; padding
+    is never kept when dropping and takes no capacity."""
+    rng = np.random.default_rng(9)
+    S, real, E, K, D = 10, 7, 8, 2, 4
+    cfg = _cfg(n_routed_experts=E, num_experts_per_tok=K, num_device_groups=D,
+               max_devices_per_token=2, seq_aux=True)
+    logits = rng.normal(size=(S, E)).astype(np.float32)
+    scores = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    idx = np.asarray(select_experts(jnp.asarray(scores), cfg, train=True)[0])
+    valid = np.arange(S) < real
+    r_pad = _router_out(scores, idx).replace(valid=jnp.asarray(valid))
+    r_real = _router_out(scores[:real], idx[:real])
+    got, want = balance_losses(r_pad, cfg, 1), balance_losses(r_real, cfg, 1)
+    for k in ("expert", "device", "comm"):
+        np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-6, err_msg=k)
+    keep = np.asarray(capacity_keep(jnp.asarray(idx), jnp.asarray(np.take_along_axis(scores, idx, 1)),
+                                    jnp.zeros(S, bool), E, D, 10.0, valid=jnp.asarray(valid)))
+    assert keep[:real].all() and not keep[real:].any()
+    from flax import nnx
+
+    from dsv2_jax.moe import Router
+
+    router = Router(cfg, rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (S, cfg.hidden_size))
+    out = router(x, valid=jnp.asarray(valid))
+    assert int(out.expert_counts.sum()) == real * K
