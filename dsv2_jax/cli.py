@@ -30,8 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from dsv2_jax.errors import UserError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        # Bad input (configs, data specs, checkpoints, flags): one line, no traceback.
+        print(f"dsv2: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

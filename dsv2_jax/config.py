@@ -23,6 +23,12 @@ PRESETS = ("tiny", "v2-lite", "v2")
 _TOPK_METHODS = ("greedy", "group_limited_greedy")
 _ROPE_TYPES = ("default", "yarn")
 _DTYPES = ("float32", "bfloat16", "float16")
+# Field annotation -> (accepted Python types, None allowed), for the type check in validate.
+_FIELD_TYPES = {
+    "int": ((int,), False), "int|None": ((int,), True), "float": ((int, float), False),
+    "float|None": ((int, float), True), "bool": ((bool,), False), "str": ((str,), False),
+    "Mapping[str,Any]|None": ((Mapping,), True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +169,19 @@ class DeepseekV2Config:
     def validate(self) -> None:
         def bad(field, msg):
             raise ValueError(f"DeepseekV2Config.{field}: {msg}")
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            want = _FIELD_TYPES.get(f.type.replace(" ", ""))
+            if want is None:
+                continue
+            types, optional = want
+            if v is None and optional:
+                continue
+            if isinstance(v, bool) and bool not in types:
+                bad(f.name, f"expected {f.type}, got {v!r}")
+            if not isinstance(v, types):
+                bad(f.name, f"expected {f.type}, got {type(v).__name__} {v!r}")
 
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim",
@@ -332,11 +351,7 @@ class DeepseekV2Config:
 
 
 def preset_path(name: str) -> str:
-    try:
-        return str(resources.files("dsv2_jax.configs").joinpath(f"{name}.json"))
-    except ModuleNotFoundError:  # running from a checkout that is not installed
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return os.path.join(here, "configs", f"{name}.json")
+    return str(resources.files("dsv2_jax.configs").joinpath(f"{name}.json"))
 
 
 def load_config(name_or_path: str | os.PathLike, **overrides) -> DeepseekV2Config:

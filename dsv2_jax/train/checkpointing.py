@@ -15,6 +15,17 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from dsv2_jax.errors import UserError
+
+
+class CheckpointMismatch(UserError, RuntimeError):
+    """No checkpoint of the workdir can be restored into this run; the message says why."""
+
+
+def _is_structure_mismatch(e: Exception) -> bool:
+    msg = str(e).lower()
+    return "tree structures do not match" in msg
+
 
 class TrainCheckpoints:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, log=print):
@@ -53,15 +64,23 @@ class TrainCheckpoints:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
                 state = restored["state"]
                 jax.block_until_ready(state)
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+            except MemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - judged below
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                if _is_structure_mismatch(e):
+                    # The files are fine; the run asks for a differently shaped state.
+                    raise CheckpointMismatch(
+                        f"{self.directory}/{step} holds a training state of another shape than "
+                        f"this run builds ({reason}); rerun with the run's original settings "
+                        f"(see run.json) or use a new --workdir") from None
                 self._quarantine(step)
                 self.log(f"warning: checkpoint step {step} is damaged ({type(e).__name__}: {reason}); "
                          f"moved to {self._damaged_dir()}, falling back to an earlier step")
                 continue
             return step, state
-        raise RuntimeError(f"{self.directory}: no checkpoint restores cleanly (damaged steps moved "
-                           f"to {self._damaged_dir()}); remove the workdir to start afresh")
+        raise CheckpointMismatch(f"{self.directory}: no checkpoint restores cleanly (damaged steps "
+                                 f"moved to {self._damaged_dir()}); remove the workdir to start afresh")
 
     def _damaged_dir(self) -> str:
         return os.path.join(os.path.dirname(self.directory), "damaged")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_cli(sub) -> None:
@@ -55,25 +54,13 @@ def add_cli(sub) -> None:
     pl.set_defaults(func=run_plot)
 
 
-def _fail(msg: str) -> int:
-    print(f"dsv2: error: {msg}", file=sys.stderr)
-    return 1
-
-
 def run_train(a) -> int:
-    from dsv2_jax.train.loop import TrainArgs, TrainingError, train
+    import dataclasses
 
-    args = TrainArgs(config=a.config, workdir=a.workdir, steps=a.steps, batch_size=a.batch_size,
-                     seq_len=a.seq_len, checkpoint_every=a.checkpoint_every,
-                     keep_checkpoints=a.keep_checkpoints, data=a.data, init_from=a.init_from,
-                     set=a.set, lr=a.lr, warmup_steps=a.warmup_steps, schedule=a.schedule,
-                     weight_decay=a.weight_decay, clip=a.clip, grad_accum=a.grad_accum, seed=a.seed,
-                     max_nonfinite=a.max_nonfinite, mesh=a.mesh, log_every=a.log_every,
-                     peak_tflops=a.peak_tflops, stop_after=a.stop_after)
-    try:
-        rec = train(args)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
+    from dsv2_jax.train.loop import TrainArgs, train
+
+    args = TrainArgs(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainArgs)})
+    rec = train(args)
     if rec:
         print(f"done: step {rec['step']} loss {rec['loss']:.4f}; metrics in {a.workdir}/metrics.jsonl")
     return 0
@@ -82,11 +69,7 @@ def run_train(a) -> int:
 def run_eval(a) -> int:
     from dsv2_jax.train.evaluate import evaluate
 
-    try:
-        res = evaluate(a.model, a.data, batch_size=a.batch_size, seq_len=a.seq_len,
-                       max_batches=a.max_batches)
-    except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
+    res = evaluate(a.model, a.data, batch_size=a.batch_size, seq_len=a.seq_len, max_batches=a.max_batches)
     bpb = "n/a (no byte counts)" if res["bits_per_byte"] is None else f"{res['bits_per_byte']:.4f}"
     print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
           f"bits/byte {bpb}  ({res['tokens']} tokens, {res['bytes']} bytes)")
@@ -96,9 +79,5 @@ def run_eval(a) -> int:
 def run_plot(a) -> int:
     from dsv2_jax.train.plot import plot
 
-    try:
-        out = plot(a.workdir, a.out)
-    except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
-    print(out)
+    print(plot(a.workdir, a.out))
     return 0

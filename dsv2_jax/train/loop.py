@@ -20,13 +20,14 @@ import time
 import jax
 
 from dsv2_jax.config import DeepseekV2Config, load_config
+from dsv2_jax.errors import UserError
 from dsv2_jax.train import metrics as M
 from dsv2_jax.train.checkpointing import TrainCheckpoints
 from dsv2_jax.train.optim import lr_schedule, make_optimizer
 from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot go on; the message says why and what was kept."""
 
 
@@ -72,16 +73,24 @@ def _resolve_config(args: TrainArgs) -> DeepseekV2Config:
     return cfg
 
 
-def _init_params(cfg: DeepseekV2Config, args: TrainArgs):
+def _initial_params(cfg: DeepseekV2Config, args: TrainArgs, abstract_params) -> dict:
+    """Fresh parameters, or those of --init-from (checked against the run's config, whose
+    --set overrides govern the graph either way)."""
     from flax import nnx
 
     from dsv2_jax.model import DeepseekV2ForCausalLM
 
-    if args.init_from:
-        from dsv2_jax import from_pretrained
+    if not args.init_from:
+        return params_of(DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(params=args.seed)))
+    from dsv2_jax import from_pretrained
 
-        return from_pretrained(args.init_from, dtype=cfg.param_dtype, compute_dtype=cfg.dtype)
-    return DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(params=args.seed))
+    params = params_of(from_pretrained(args.init_from, dtype=cfg.param_dtype, compute_dtype=cfg.dtype))
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params)
+    got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+    if want != got:
+        raise TrainingError(f"--init-from {args.init_from}: its parameters do not fit the config "
+                            f"after --set (an architecture field was overridden?)")
+    return params
 
 
 def train(args: TrainArgs, log=print) -> dict:
@@ -96,6 +105,10 @@ def train(args: TrainArgs, log=print) -> dict:
     if args.batch_size % n_batch_shards or args.batch_size % jax.process_count():
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {n_batch_shards} "
                             f"data-parallel devices and {jax.process_count()} processes")
+    for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints",
+                 "grad_accum", "log_every", "max_nonfinite"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch_size % args.grad_accum:
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     os.makedirs(args.workdir, exist_ok=True)
@@ -116,16 +129,15 @@ def train(args: TrainArgs, log=print) -> dict:
     schedule = lr_schedule(args.lr, args.steps, warmup, args.schedule)
     tx = make_optimizer(schedule, weight_decay=args.weight_decay, clip=args.clip)
 
+    from flax import nnx
+
+    from dsv2_jax.model import DeepseekV2ForCausalLM
+
     ckpts = TrainCheckpoints(os.path.join(args.workdir, "checkpoints"), keep=args.keep_checkpoints, log=log)
-    model = _init_params(cfg, args) if not ckpts.steps() else None
-    if model is None:
-        from flax import nnx
-
-        from dsv2_jax.model import DeepseekV2ForCausalLM
-
-        model = nnx.eval_shape(lambda: DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    fns = ModelFns.from_model(model)
-    params = params_of(model)
+    # The graph always comes from the run's config (overrides included).
+    abstract_model = nnx.eval_shape(lambda: DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    fns = ModelFns.from_model(abstract_model)
+    params = params_of(abstract_model) if ckpts.steps() else _initial_params(cfg, args, params_of(abstract_model))
     # Parameters and optimizer state are replicated over the mesh; batches are split over
     # its data axes.
     rep, bsh = replicated(mesh), batch_sharding(mesh)
@@ -136,7 +148,7 @@ def train(args: TrainArgs, log=print) -> dict:
         log(f"resumed from {ckpts.directory}/{step0}")
     else:
         step0, state = 0, jax.device_put(init_state(params, tx), rep)
-    del model, params
+    del params
 
     step_fn = jax.jit(make_train_step(fns, cfg, tx, schedule, args.grad_accum), donate_argnums=0)
     tokens_per_step = args.batch_size * args.seq_len
@@ -147,9 +159,17 @@ def train(args: TrainArgs, log=print) -> dict:
     last_stop = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     progress = M.Progress(step0, args.steps, args.log_every)
     consecutive_bad, rec = 0, {}
-    last_saved = step0
-    interrupted = []
-    old_handler = signal.signal(signal.SIGTERM, lambda *a: interrupted.append(1))
+    # SIGTERM / a first Ctrl-C ask for a checkpoint at the next step boundary and a clean stop
+    # (saving from inside a step could pair the state with the wrong step or batch); a second
+    # Ctrl-C interrupts at once.
+    interrupted: list[str] = []
+
+    def on_signal(signum, _frame):
+        if signum == signal.SIGINT and interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(signal.Signals(signum).name)
+
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         step = step0
         while step < last_stop:
@@ -179,17 +199,12 @@ def train(args: TrainArgs, log=print) -> dict:
             due = step % args.checkpoint_every == 0 or step == last_stop or interrupted
             if due and consecutive_bad == 0:
                 ckpts.save(step, state, data_iter)
-                last_saved = step
             if interrupted:
-                log(f"SIGTERM: saved step {step}, stopping")
+                log(f"{interrupted[0]}: saved step {step}, stopping")
                 break
-    except KeyboardInterrupt:
-        if step > last_saved:
-            ckpts.save(step, state, data_iter)
-            log(f"interrupted: saved step {step}")
-        raise
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         progress.close()
         mlog.close()
         ckpts.close()

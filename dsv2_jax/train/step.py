@@ -120,8 +120,10 @@ def make_train_step(fns: ModelFns, cfg: DeepseekV2Config, tx: optax.GradientTran
             "step": state["step"] + 1,
             "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
         }
-        metrics = dict(stats, loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]),
-                       finite=finite)
+        # Skipped (non-finite) steps do not advance optax's count: the rate of this step is
+        # that of the updates applied so far.
+        metrics = dict(stats, loss=loss, grad_norm=grad_norm,
+                       lr=schedule(state["step"] - state["nonfinite"]), finite=finite)
         return new_state, metrics
 
     return step
