@@ -1,5 +1,31 @@
 """dsv2_jax: DeepSeek-V2 in JAX / Flax NNX."""
 
+import os as _os
+
+
+def _alias_checkout_folders() -> None:
+    """Installed, `kernels/`, `sharding/` and `configs/` are the subpackages
+    dsv2_jax.kernels / .sharding / .configs (setuptools package-dir). Imported straight from a
+    source checkout that is not installed, map them the same way."""
+    import importlib.util
+    import sys
+
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    if not _os.path.exists(_os.path.join(root, "pyproject.toml")):
+        return
+    for name in ("kernels", "sharding", "configs"):
+        full, folder = f"{__name__}.{name}", _os.path.join(root, name)
+        if full in sys.modules or not _os.path.isdir(folder) or importlib.util.find_spec(full):
+            continue
+        spec = importlib.util.spec_from_file_location(
+            full, _os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+
+
+_alias_checkout_folders()
+
 from dsv2_jax.config import DeepseekV2Config, load_config
 from dsv2_jax.model import DeepseekV2ForCausalLM
 

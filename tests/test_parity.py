@@ -53,7 +53,6 @@ def test_parity_catches_a_wrong_rope(tmp_path, monkeypatch):
     """The parity check can fail: rotating halves instead of adjacent pairs is caught."""
     import jax.numpy as jnp
 
-    from dsv2_jax import rope
 
     def halves(x, cos, sin):
         extra = x.ndim - cos.ndim

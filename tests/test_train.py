@@ -3,7 +3,6 @@ damaged-checkpoint fallback, non-finite stop, eval and plot."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

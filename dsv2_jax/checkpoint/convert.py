@@ -26,13 +26,13 @@ import numpy as np
 from dsv2_jax.checkpoint import CheckpointError
 from dsv2_jax.checkpoint import fp8 as fp8_lib
 from dsv2_jax.checkpoint import orbax_io
+from dsv2_jax.checkpoint.hf import PARAM_DTYPES
 from dsv2_jax.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsDir, write_safetensors
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 # Orbax writes commit an OCDBT transaction every max(largest tensor, this) bytes (orbax_io).
 MIN_COMMIT_BYTES = 16 << 20
-_PARAM_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-_HF_NAMES = {v: k for k, v in _PARAM_DTYPES.items()}
+_HF_NAMES = {v: k for k, v in PARAM_DTYPES.items()}
 # (from, to) pairs where every value of `from` is exactly a value of `to`.
 _EXACT = {("BF16", "F32"), ("F16", "F32"), ("F8_E4M3", "BF16"), ("F8_E4M3", "F16"),
           ("F8_E4M3", "F32"), ("F8_E5M2", "BF16"), ("F8_E5M2", "F16"), ("F8_E5M2", "F32")}
@@ -90,15 +90,11 @@ class HFSource:
                 f"{self.path}: {len(self.fp8)} tensors are FP8 with block-wise weight_scale_inv "
                 f"({self.block[0]}x{self.block[1]}); pass --dtype bfloat16 or --dtype float32 to "
                 f"dequantise them (w = fp8 * scale_inv per block, computed in float32)")
-        sizes: dict[str, int] = {}
-        for name in self.st.keys():
-            dt = self.st.dtype_name(name)
-            sizes[dt] = sizes.get(dt, 0) + int(np.prod(self.st.shape(name))) * DTYPES[dt].itemsize
-        dt = max(sizes, key=sizes.get)
-        if dt not in _PARAM_DTYPES:
+        dt = self.st.dominant_dtype()
+        if dt not in PARAM_DTYPES:
             raise CheckpointError(f"{self.path}: most weights are {dt}; pass --dtype to choose a "
                                   f"parameter dtype")
-        return _PARAM_DTYPES[dt]
+        return PARAM_DTYPES[dt]
 
     def check(self, entries, abs_flat) -> None:
         from dsv2_jax.checkpoint.hf import check_tensors
@@ -351,7 +347,7 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
             if dtype is None and not exact_cast(have, want):
                 raise CheckpointError(
                     f"{source.where(e)}: tensor {e.hf_name!r} is {have} but would be stored as "
-                    f"{want}; pass --dtype {_PARAM_DTYPES.get(have, 'float32')} to keep it exact, "
+                    f"{want}; pass --dtype {PARAM_DTYPES.get(have, 'float32')} to keep it exact, "
                     f"or --dtype {pdt} to cast")
         else:
             want = _HF_NAMES[dtype] if dtype else source.original_dtype(e)

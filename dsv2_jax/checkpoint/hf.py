@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dsv2_jax.checkpoint import CheckpointError
-from dsv2_jax.checkpoint.safetensors_io import DTYPES, SafetensorsDir
+from dsv2_jax.checkpoint.safetensors_io import SafetensorsDir
 from dsv2_jax.config import DeepseekV2Config
-from dsv2_jax.layers import dtype_of
 from dsv2_jax.model import DeepseekV2ForCausalLM
 
 _LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -95,14 +92,17 @@ def abstract_model(cfg: DeepseekV2Config):
     return nnx.eval_shape(lambda: DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
 
 
+# Safetensors dtypes a checkpoint's parameters can keep as they are.
+PARAM_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
 def _checkpoint_dtype(src: SafetensorsDir) -> str:
-    """The dtype most bytes of the checkpoint are stored in."""
-    sizes: dict[str, int] = {}
-    for sf in src.files.values():
-        for dt, _, b, e in sf.entries.values():
-            sizes[dt] = sizes.get(dt, 0) + e - b
-    dt = max(sizes, key=sizes.get)
-    return {"BF16": "bfloat16", "F16": "float16"}.get(dt, "float32")
+    """The parameter dtype of the checkpoint: the dtype most of its bytes are stored in."""
+    dt = src.dominant_dtype()
+    if dt not in PARAM_DTYPES:
+        raise CheckpointError(f"{src.path}: most weights are {dt}; pass dtype= to choose a "
+                              f"parameter dtype")
+    return PARAM_DTYPES[dt]
 
 
 def check_tensors(src: SafetensorsDir, entries: list[Entry], allow_fp8: bool = False) -> None:

@@ -185,6 +185,14 @@ class SafetensorsDir:
     def dtype_name(self, name: str) -> str:
         return self.file_of(name).dtype_name(name)
 
+    def dominant_dtype(self) -> str:
+        """The safetensors dtype name most bytes of the checkpoint are stored in."""
+        sizes: dict[str, int] = {}
+        for sf in self.files.values():
+            for dt, _, b, e in sf.entries.values():
+                sizes[dt] = sizes.get(dt, 0) + e - b
+        return max(sizes, key=sizes.get)
+
     def total_bytes(self) -> int:
         return sum(e[3] - e[2] for sf in self.files.values() for e in sf.entries.values())
 
