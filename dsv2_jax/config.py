@@ -205,6 +205,9 @@ class DeepseekV2Config:
         if self.attention_bias:
             # The model has no bias parameters: building one would silently drop them.
             bad("attention_bias", "DeepSeek-V2 projections have no biases; true is not supported")
+        if self.attention_dropout:
+            bad("attention_dropout", f"dropout is not implemented (DeepSeek-V2 trains without it); "
+                f"got {self.attention_dropout}")
         if self.hidden_act != "silu":
             bad("hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
         if self.n_routed_experts:

@@ -199,3 +199,51 @@ def test_init_from_hf_starts_from_its_weights(tmp_path):
     want = params_of(from_pretrained(src))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_set_applies_on_top_of_init_from(tmp_path):
+    import hf_reference as ref
+
+    src = ref.save(ref.build(dict(ref.V2, vocab_size=256), seed=6), str(tmp_path / "hf"))
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=2, checkpoint_every=2, init_from=src,
+                    set=["capacity_factor=0.5"], **SMALL))
+    recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert all(r["dropped_fraction"] > 0 for r in recs)
+
+
+def test_a_differently_shaped_state_is_refused_not_quarantined(tmp_path):
+    from dsv2_jax.errors import UserError
+
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=2, checkpoint_every=2, **SMALL))
+    with pytest.raises(UserError, match="another shape"):
+        train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **dict(SMALL), clip=0.0))
+    assert not os.path.exists(os.path.join(wd, "damaged"))
+    assert _steps(wd) == [2]
+
+
+def test_ctrl_c_saves_at_a_step_boundary_and_resumes(tmp_path):
+    wd = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "dsv2_jax.cli", "train", "--config", "tiny", "--workdir", wd,
+           "--batch-size", "2", "--seq-len", "32", "--checkpoint-every", "1000", "--steps", "2000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        metrics = os.path.join(wd, "metrics.jsonl")
+        while time.time() < deadline:
+            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+                break
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-2000:]
+    assert "SIGINT: saved step" in out
+    saved = _steps(wd)[-1]
+    recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert recs[-1]["step"] == saved  # the checkpoint is the last step that ran
+    r = subprocess.run(cmd[:-1] + [str(saved + 2)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr
