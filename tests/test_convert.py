@@ -569,3 +569,74 @@ def test_training_workdir_exports_to_hf(tmp_path):
     exported = DeepseekV2ForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     ids = _ids(256, shape=(2, 9))
     assert ref.rel_err(ref.logits(exported, ids), np.asarray(ours(ids.astype(np.int32)))) <= 1e-5
+
+
+def test_index_naming_a_shard_outside_the_directory_is_refused(lite, tmp_path):
+    wm = _shards(lite)
+    name = sorted(wm)[0]
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(os.path.join(lite, wm[name]), outside)
+    wm[name] = "../outside.safetensors"
+    json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(lite, SafetensorsDir.INDEX), "w"))
+    _expect_refusal(lite, tmp_path / "ob", "not a file name inside")
+
+
+def test_wrongly_typed_index_is_refused_naming_it(lite, tmp_path):
+    json.dump([1, 2], open(os.path.join(lite, SafetensorsDir.INDEX), "w"))
+    _expect_refusal(lite, tmp_path / "ob", SafetensorsDir.INDEX)
+
+
+def test_overlapping_tensors_in_a_shard_are_refused(tmp_path):
+    import struct
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(src / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="overlapping or gapped"):
+        SafetensorsDir(str(src))
+
+
+def test_destination_appearing_during_the_conversion_is_not_replaced(lite, tmp_path, monkeypatch):
+    dst = tmp_path / "ob"
+    real = convert._copy_aux_files
+
+    def and_then_someone_creates_dst(src, tmp):
+        out = real(src, tmp)
+        os.makedirs(dst / "precious")
+        return out
+
+    monkeypatch.setattr(convert, "_copy_aux_files", and_then_someone_creates_dst)
+    err = StringIO()
+    with redirect_stderr(err), redirect_stdout(StringIO()):
+        assert _cli(lite, dst, "--to", "orbax") == 1
+    assert "appeared while converting" in err.getvalue()
+    assert os.path.isdir(dst / "precious")
+    assert not glob.glob(str(tmp_path / ".ob.dsv2-*"))
+
+
+def test_only_known_aux_files_travel_and_links_out_are_not_followed(lite, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not publish")
+    os.symlink(secret, os.path.join(lite, "tokenizer.json"))
+    with open(os.path.join(lite, "notes.txt"), "w") as f:
+        f.write("private")
+    with open(os.path.join(lite, "tokenizer_config.json"), "w") as f:
+        f.write("{}")
+    dst = tmp_path / "ob"
+    assert _cli(lite, dst, "--to", "orbax", "--no-progress") == 0
+    assert os.path.exists(dst / "tokenizer_config.json")
+    assert not os.path.exists(dst / "tokenizer.json") and not os.path.exists(dst / "notes.txt")
+
+
+def test_temporaries_of_killed_conversions_are_cleaned(lite, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".ob.dsv2-tmp-{dead}"
+    (stale / "params").mkdir(parents=True)
+    assert _cli(lite, tmp_path / "ob", "--to", "orbax", "--no-progress") == 0
+    assert not stale.exists()

@@ -416,3 +416,12 @@ def test_npy_with_separator_and_vocab_check(tmp_path):
     assert sorted(docs) == [[3, 4], [5, 6, 7, 0], [8, 9, 0]]
     with pytest.raises(ValueError, match="token id 9 does not fit"):
         next(iter(data.make_eval_iter(spec, seq_len=8, batch_size=2, vocab_size=9)))
+
+
+def test_jsonl_with_a_lone_surrogate_does_not_crash(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "abc \\ud800 def ghi jkl mno"}\n' * 40)
+    it = data.make_train_iter(f"jsonl:{p},tokenizer=bytes,holdout=0", seq_len=16, batch_size=2,
+                              seed=0, vocab_size=256, process_index=0, process_count=1)
+    b = next(it)
+    assert b["inputs"].max() < 256 and b["loss_mask"].sum() > 0

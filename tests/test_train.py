@@ -247,3 +247,10 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes(tmp_path):
     assert recs[-1]["step"] == saved  # the checkpoint is the last step that ran
     r = subprocess.run(cmd[:-1] + [str(saved + 2)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr
+
+
+def test_resume_with_other_data_settings_is_refused(tmp_path):
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=1, checkpoint_every=1, **SMALL))
+    with pytest.raises(TrainingError, match="other data settings.*--seq-len 64"):
+        train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1, **dict(SMALL, seq_len=32)))

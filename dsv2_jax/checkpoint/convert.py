@@ -36,8 +36,10 @@ _HF_NAMES = {v: k for k, v in PARAM_DTYPES.items()}
 # (from, to) pairs where every value of `from` is exactly a value of `to`.
 _EXACT = {("BF16", "F32"), ("F16", "F32"), ("F8_E4M3", "BF16"), ("F8_E4M3", "F16"),
           ("F8_E4M3", "F32"), ("F8_E5M2", "BF16"), ("F8_E5M2", "F16"), ("F8_E5M2", "F32")}
-# Files of an HF directory that travel with the weights (tokenizer, generation config...).
-_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|npz|gguf)$|.*\.index\.json$")
+# Non-weight files that travel with a checkpoint.
+_AUX_FILE = re.compile(r"tokenizer.*\.(json|model|txt)|vocab\.(json|txt)|merges\.txt|"
+                       r"special_tokens_map\.json|added_tokens\.json|generation_config\.json|"
+                       r"chat_template\.(json|jinja)|[\w\-]+\.py|README\.md|LICENSE.*")
 _AUX_MAX_BYTES = 100 << 20
 
 
@@ -282,16 +284,67 @@ def _write_hf(tmp: str, cfg, entries, targets: dict, src, progress, shard_bytes:
 
 
 def _copy_aux_files(src: str, dst: str) -> list[str]:
-    """Tokenizer and other small non-weight files of the source directory."""
+    """The tokenizer and generation files of the source directory (known names only, regular
+    files inside SRC: a symlink pointing elsewhere is not followed into DST)."""
     copied = []
+    root = os.path.realpath(src)
     for name in sorted(os.listdir(src)):
         p = os.path.join(src, name)
-        if (not os.path.isfile(p) or name in ("config.json", orbax_io.META_FILE)
-                or _WEIGHT_FILE.match(name) or os.path.getsize(p) > _AUX_MAX_BYTES):
+        real = os.path.realpath(p)
+        if (not _AUX_FILE.fullmatch(name) or not os.path.isfile(p)
+                or (os.path.islink(p) and os.path.commonpath([root, real]) != root
+                    and "/blobs/" not in real)  # the HF hub cache links into its blobs/
+                or os.path.getsize(p) > _AUX_MAX_BYTES):
             continue
         shutil.copy2(p, os.path.join(dst, name))
         copied.append(name)
     return copied
+
+
+def _install(tmp: str, dst: str, overwrite: bool) -> None:
+    """Moves the finished output into place. Without --overwrite a DST that appeared while we
+    ran is refused, never replaced; with it, the old DST is restored if the swap fails."""
+    if not os.path.lexists(dst):
+        try:
+            os.rename(tmp, dst)
+            return
+        except OSError:
+            if not os.path.lexists(dst):
+                raise
+    if not overwrite:
+        raise CheckpointError(f"{dst}: appeared while converting; refusing to replace it "
+                              f"without --overwrite")
+    old = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.dsv2-old-{os.getpid()}")
+    os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    _remove(old)
+
+
+def _remove_stale_temporaries(dst: str) -> None:
+    """Temporary siblings left by conversions that were killed (their process is gone)."""
+    parent, base = os.path.dirname(dst), os.path.basename(dst)
+    if not os.path.isdir(parent):
+        return
+    pattern = re.compile(rf"\.{re.escape(base)}\.dsv2-(?:tmp|old)-(\d+)")
+    for name in os.listdir(parent):
+        m = pattern.fullmatch(name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if "-old-" in name and not os.path.lexists(dst):
+            os.rename(os.path.join(parent, name), dst)  # a swap that died half-way: put it back
+        else:
+            _remove(os.path.join(parent, name))
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +418,7 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
 
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_temporaries(dst)
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.dsv2-tmp-{os.getpid()}")
     _remove(tmp)
     t0 = time.perf_counter()
@@ -388,13 +442,7 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
             _write_hf(tmp, cfg, entries, targets, source, bar, shard_bytes, verify_narrowing)
         _copy_aux_files(src, tmp)
         bar.close()
-        if os.path.lexists(dst):
-            old = os.path.join(parent, f".{os.path.basename(dst)}.dsv2-old-{os.getpid()}")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            _remove(old)
-        else:
-            os.rename(tmp, dst)
+        _install(tmp, dst, overwrite)
     except BaseException:
         bar.close()
         _remove(tmp)
@@ -465,6 +513,12 @@ def run(args) -> int:
     except ImportError:  # pragma: no cover
         pass
     warnings.filterwarnings("ignore")
+    import signal
+
+    def on_term(signum, _frame):  # SIGTERM cleans up like Ctrl-C
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
     try:
         stats = convert(args.src, args.dst, args.to, dtype=args.dtype, overwrite=args.overwrite,
                         shard_bytes=args.shard_size, progress=not args.no_progress)
@@ -476,6 +530,8 @@ def run(args) -> int:
             raise
         print(f"dsv2 convert: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     if not args.no_progress:
         print(f"wrote {args.dst} ({args.to}, {stats['param_dtype']}): {stats['tensors']} tensors, "
               f"{stats['bytes'] / 1e9:.3f} GB in {stats['seconds']:.1f} s "

@@ -69,11 +69,19 @@ class SafetensorsFile:
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype or a bad "
                                       f"header entry: {info}") from None
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+            if (any(d < 0 for d in shape) or begin < 0
+                    or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize):
                 raise CheckpointError(f"{path}: tensor {name!r} offsets {begin}..{end} do not "
                                       f"match shape {shape} {info['dtype']}")
             self.entries[name] = (info["dtype"], shape, begin, end)
             end_max = max(end_max, end)
+        # The tensors must tile the data exactly: no overlap, no gap.
+        pos = 0
+        for name, (_, _, begin, end) in sorted(self.entries.items(), key=lambda kv: kv[1][2:]):
+            if begin != pos:
+                raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data, "
+                                      f"expected {pos} (overlapping or gapped tensors)")
+            pos = end
         if self.data_start + end_max != size:
             raise CheckpointError(
                 f"{path}: truncated or corrupted safetensors file: data needs "
@@ -140,11 +148,19 @@ class SafetensorsDir:
         index_path = os.path.join(path, self.INDEX)
         if os.path.exists(index_path):
             try:
-                with open(index_path) as f:
+                with open(index_path, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index "
+                                      f"({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: 'weight_map' is not an object")
             for name, fname in weight_map.items():
+                # Shards are plain file names inside the directory: no paths, no links out.
+                if (not isinstance(fname, str) or os.path.basename(fname) != fname
+                        or fname in ("", ".", "..")):
+                    raise CheckpointError(f"{index_path}: tensor {name!r} names shard {fname!r}, "
+                                          f"which is not a file name inside {path}")
                 self.where[name] = fname
             for fname in sorted(set(weight_map.values())):
                 self.files[fname] = SafetensorsFile(os.path.join(path, fname))
@@ -163,6 +179,8 @@ class SafetensorsDir:
             self.where = {name: self.SINGLE for name in sf.keys()}
         else:
             raise CheckpointError(f"{path}: no {self.SINGLE} or {self.INDEX}")
+        if not self.where:
+            raise CheckpointError(f"{path}: the checkpoint holds no tensors")
 
     def keys(self):
         return self.where.keys()

@@ -294,6 +294,8 @@ class _Corpus:
         return out
 
     def _encode(self, texts: Sequence[str]) -> list[_Doc]:
+        # JSON can carry lone surrogates ("\ud800"), which have no UTF-8 form: they become '?'.
+        texts = [t if t.isascii() else t.encode("utf-8", "replace").decode("utf-8") for t in texts]
         if self._tok is None:  # byte-level
             out = []
             for t in texts:

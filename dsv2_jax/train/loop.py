@@ -27,6 +27,10 @@ from dsv2_jax.train.optim import lr_schedule, make_optimizer
 from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
 
 
+# Arguments that define the data stream a checkpointed iterator belongs to.
+_DATA_ARGS = ("data", "seq_len", "batch_size", "seed")
+
+
 class TrainingError(UserError, RuntimeError):
     """A run that cannot go on; the message says why and what was kept."""
 
@@ -115,7 +119,17 @@ def train(args: TrainArgs, log=print) -> dict:
     cfg = _resolve_config(args)
     cfg.save(os.path.join(args.workdir, "config.json"))
     run_json = os.path.join(args.workdir, "run.json")
-    if not os.path.exists(run_json):
+    if os.path.exists(run_json):
+        # The saved data-iterator state only means something for the same data stream.
+        with open(run_json) as f:
+            first = json.load(f)
+        changed = [k for k in _DATA_ARGS if k in first and first[k] != getattr(args, k)]
+        if changed:
+            raise TrainingError(
+                f"{args.workdir} was trained with other data settings ("
+                + ", ".join(f"--{k.replace('_', '-')} {first[k]!r}" for k in changed)
+                + "); resume with the same ones or use a new --workdir")
+    else:
         with open(run_json, "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
 
