@@ -288,6 +288,78 @@ def routed_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str,
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), topk_weight).astype(x.dtype)
 
 
+# ---------------------------------------------------------------------------------------
+# Expert parallelism: routed experts sharded over the mesh's `expert` axis.
+
+# Mesh axes the tokens (batch) are split over; every device holds its own tokens.
+TOKEN_AXES = ("data", "fsdp", "expert")
+
+
+def expert_parallel_size() -> int:
+    """Size of the `expert` axis of the ambient mesh (`jax.set_mesh`); 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "expert" not in mesh.axis_names:
+        return 1
+    return int(mesh.shape["expert"])
+
+
+def _ep_local(x, idx, weight, w_gate, w_up, w_down, *, backend: str, ep: int):
+    """One device's part (inside shard_map): x [T, D] its tokens, idx/weight [T, K] their
+    global expert choices, w_* [E/ep, ...] its experts. Dropless: the send buffer to each
+    device has room for all T*K assignments, so nothing is ever dropped."""
+    T, D = x.shape
+    K = idx.shape[1]
+    e_loc = w_gate.shape[0]
+    C = T * K
+    flat = idx.reshape(-1)
+    dev = flat // e_loc
+    # Rows sorted by global expert = by destination device, then by local expert.
+    order = jnp.argsort(flat, stable=True)
+    sorted_dev = dev[order]
+    first = jnp.searchsorted(sorted_dev, jnp.arange(ep, dtype=sorted_dev.dtype))
+    pos = jnp.zeros(C, jnp.int32).at[order].set(
+        (jnp.arange(C) - first[sorted_dev]).astype(jnp.int32))
+    send = jnp.zeros((ep, C, D), x.dtype).at[dev, pos].set(x[jnp.arange(C) // K])
+    # Local expert id of every row; e_loc marks an empty row (sorted last, never computed).
+    send_e = jnp.full((ep, C), e_loc, jnp.int32).at[dev, pos].set((flat % e_loc).astype(jnp.int32))
+    recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True).reshape(ep * C, D)
+    recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0, tiled=True).reshape(ep * C)
+    o2 = jnp.argsort(recv_e, stable=True)
+    group_sizes = jnp.bincount(recv_e, length=e_loc + 1)[:e_loc]
+    ys = expert_ffn(recv[o2], group_sizes, w_gate, w_up, w_down, backend)
+    ys = jnp.zeros_like(ys).at[o2].set(ys).reshape(ep, C, D)
+    back = jax.lax.all_to_all(ys, "expert", 0, 0, tiled=True)
+    y = back[dev, pos].reshape(T, K, D)
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weight).astype(x.dtype)
+
+
+def routed_experts_ep(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str):
+    """`routed_experts` (dropless) with the experts sharded over the ambient mesh's `expert`
+    axis: x [T, D] and the routing [T, K] (global token order) -> [T, D]. Tokens are split
+    over the data-carrying axes; each device sends its (token, expert) rows to the devices
+    holding those experts with `all_to_all`, runs its local experts, and sends the results
+    back. T need not divide evenly: zero-weight padding rows are added and cut off."""
+    mesh = jax.sharding.get_abstract_mesh()
+    ep = int(mesh.shape["expert"])
+    if w_gate.shape[0] % ep:
+        raise ValueError(f"n_routed_experts={w_gate.shape[0]} is not divisible by the "
+                         f"expert-parallel size {ep}")
+    axes = tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
+    shards = math.prod(int(mesh.shape[a]) for a in axes)
+    T = x.shape[0]
+    pad = -T % shards
+    if pad:
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        topk_idx = jnp.pad(topk_idx, ((0, pad), (0, 0)))
+        topk_weight = jnp.pad(topk_weight, ((0, pad), (0, 0)))
+    tok, exp = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec("expert")
+    y = jax.shard_map(
+        lambda *a: _ep_local(*a, backend=backend, ep=ep),
+        in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok,
+    )(x, topk_idx, topk_weight.astype(jnp.float32), w_gate, w_up, w_down)
+    return y[:T]
+
+
 class Experts(nnx.Module):
     def __init__(self, cfg: DeepseekV2Config, *, rngs: nnx.Rngs):
         E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -316,8 +388,22 @@ class MoE(nnx.Module):
         r = self.gate(xt, train=train, batch=B, valid=None if valid is None else valid.reshape(-1))
         e = self.experts
         dropping = train and self.cfg.capacity_factor is not None
-        y = routed_experts(xt, r.topk_idx, r.topk_weight, e.gate_proj[...], e.up_proj[...],
-                           e.down_proj[...], gmm_backend(self.cfg), keep=r.keep if dropping else None)
+        ep = expert_parallel_size()
+        if ep > 1:
+            # Routing above is per token, so it ran on the global token order; only the
+            # routed compute is split over the devices.
+            if dropping:
+                raise ValueError("token dropping (capacity_factor) is not supported with "
+                                 "expert parallelism yet; set capacity_factor=null")
+            if train and self.cfg.num_device_groups not in (0, ep):
+                raise ValueError(f"num_device_groups={self.cfg.num_device_groups} must equal the "
+                                 f"expert-parallel size {ep} (or be 0)")
+            y = routed_experts_ep(xt, r.topk_idx, r.topk_weight, e.gate_proj[...], e.up_proj[...],
+                                  e.down_proj[...], gmm_backend(self.cfg))
+        else:
+            y = routed_experts(xt, r.topk_idx, r.topk_weight, e.gate_proj[...], e.up_proj[...],
+                               e.down_proj[...], gmm_backend(self.cfg),
+                               keep=r.keep if dropping else None)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xt)
         return y.reshape(B, T, D), r

@@ -1,8 +1,9 @@
 """Device meshes from `--mesh axis=n,...` specs.
 
-Axes, outermost first: data (batch), fsdp, expert, tensor. Only `data` may be larger than 1
-so far: parameters are replicated and the batch is split over `data`. Expert parallelism
-(`shard_map` dispatch over an `expert` axis) is not implemented yet and is refused clearly.
+Axes, outermost first: data (batch), fsdp, expert, tensor. `data` and `expert` may be larger
+than 1: the batch is split over data x expert (every device holds its own sequences);
+parameters are replicated except the routed experts, sharded over `expert` (see `rules.py`
+and `moe.routed_experts_ep`). fsdp and tensor parallelism are refused clearly.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "expert", "tensor")
-SUPPORTED = ("data",)
+SUPPORTED = ("data", "expert")
 
 
 def parse_mesh(spec: str | None) -> dict[str, int]:
@@ -62,4 +63,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over every axis that carries data."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    from dsv2_jax.sharding.rules import BATCH_AXES
+
+    return NamedSharding(mesh, P(BATCH_AXES))

@@ -1,5 +1,6 @@
 """Data-parallel `dsv2 train --mesh data=N` on simulated CPU devices equals the one-device
-run, including a stop and resume on the mesh; unsupported axes are refused clearly."""
+run, including a stop and resume on the mesh; unsupported axes are refused clearly. Expert
+parallelism is tested in test_ep.py."""
 
 import json
 import os
@@ -40,7 +41,8 @@ def test_data_parallel_matches_one_device_and_resumes(tmp_path):
         np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=2e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("mesh,msg", [("expert=2", "not supported yet"), ("data=3", "has 3 devices"),
+@pytest.mark.parametrize("mesh,msg", [("fsdp=2", "not supported yet"), ("tensor=2", "not supported yet"),
+                                      ("data=3", "has 3 devices"),
                                       ("model=2", "unknown axis")])
 def test_bad_meshes_are_refused_in_one_line(tmp_path, mesh, msg):
     r = _run(tmp_path / "x", 2, ["--mesh", mesh])

@@ -20,7 +20,7 @@ def add_cli(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--mesh", default=None,
-                   help="axis=n,... over data,fsdp,expert,tensor (only data > 1 so far); "
+                   help="axis=n,... over data,fsdp,expert,tensor (data and expert > 1 so far); "
                         "default: all devices on data")
     p.add_argument("--data", default=d.data, help="data SPEC (see docs/data.md); default: stdlib")
     p.add_argument("--init-from", default=None, help="HF safetensors dir or dsv2 Orbax checkpoint")

@@ -97,15 +97,38 @@ def _initial_params(cfg: DeepseekV2Config, args: TrainArgs, abstract_params) -> 
     return params
 
 
+def _expert_parallel_config(cfg: DeepseekV2Config, ep: int) -> DeepseekV2Config:
+    """The config the graph runs with on an `expert` axis of size ep > 1: device-limited
+    routing and the device/communication losses count the ep devices as the device groups
+    (num_device_groups 0 -> ep with max_devices_per_token = ep: no limit). The config
+    saved in the workdir stays the one given."""
+    if ep == 1:
+        return cfg
+    if cfg.capacity_factor is not None:
+        raise TrainingError("token dropping (capacity_factor) is not supported with expert "
+                            "parallelism yet: use --set capacity_factor=null or no expert axis")
+    if cfg.n_routed_experts % ep:
+        raise TrainingError(f"--mesh expert={ep}: n_routed_experts={cfg.n_routed_experts} is not "
+                            f"divisible by {ep}")
+    if cfg.num_device_groups == 0:
+        return cfg.replace(num_device_groups=ep, max_devices_per_token=ep)
+    if cfg.num_device_groups != ep:
+        raise TrainingError(f"--mesh expert={ep}: num_device_groups={cfg.num_device_groups} must "
+                            f"equal the expert-parallel size (the devices are the device groups); "
+                            f"use --set num_device_groups={ep} (or 0)")
+    return cfg
+
+
 def train(args: TrainArgs, log=print) -> dict:
     """Runs (or resumes) training; returns the last step's metrics."""
     from dsv2_jax.sharding.mesh import batch_sharding, make_mesh, replicated
+    from dsv2_jax.sharding.rules import optimizer_shardings, param_shardings
 
     try:
         mesh = make_mesh(args.mesh)
     except ValueError as e:
         raise TrainingError(str(e)) from None
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if args.batch_size % n_batch_shards or args.batch_size % jax.process_count():
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {n_batch_shards} "
                             f"data-parallel devices and {jax.process_count()} processes")
@@ -118,6 +141,7 @@ def train(args: TrainArgs, log=print) -> dict:
     os.makedirs(args.workdir, exist_ok=True)
     cfg = _resolve_config(args)
     cfg.save(os.path.join(args.workdir, "config.json"))
+    cfg = _expert_parallel_config(cfg, mesh.shape["expert"])
     run_json = os.path.join(args.workdir, "run.json")
     if os.path.exists(run_json):
         # The saved data-iterator state only means something for the same data stream.
@@ -152,19 +176,25 @@ def train(args: TrainArgs, log=print) -> dict:
     abstract_model = nnx.eval_shape(lambda: DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
     fns = ModelFns.from_model(abstract_model)
     params = params_of(abstract_model) if ckpts.steps() else _initial_params(cfg, args, params_of(abstract_model))
-    # Parameters and optimizer state are replicated over the mesh; batches are split over
-    # its data axes.
+    # Parameters and optimizer state are replicated over the mesh except the routed experts
+    # (and their Adam moments), split over `expert`; batches are split over data x expert.
     rep, bsh = replicated(mesh), batch_sharding(mesh)
+    state_shape = jax.eval_shape(lambda p: init_state(p, tx), params)
+    params_sh = param_shardings(abstract_model, mesh)
+    state_sh = {"params": params_sh,
+                "opt_state": optimizer_shardings(tx, state_shape["opt_state"], params_sh, mesh),
+                "step": rep, "nonfinite": rep}
     if ckpts.steps():
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                                jax.eval_shape(lambda p: init_state(p, tx), params))
+        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                state_shape, state_sh)
         step0, state = ckpts.restore_latest(abstract, data_iter)
         log(f"resumed from {ckpts.directory}/{step0}")
     else:
-        step0, state = 0, jax.device_put(init_state(params, tx), rep)
+        step0, state = 0, jax.device_put(init_state(params, tx), state_sh)
     del params
 
-    step_fn = jax.jit(make_train_step(fns, cfg, tx, schedule, args.grad_accum), donate_argnums=0)
+    step_fn = jax.jit(make_train_step(fns, cfg, tx, schedule, args.grad_accum), donate_argnums=0,
+                      out_shardings=(state_sh, rep))
     tokens_per_step = args.batch_size * args.seq_len
     flops_tok = M.train_flops_per_token(cfg, args.seq_len)
     peak = (args.peak_tflops * 1e12 if args.peak_tflops else M.peak_flops_per_device(cfg.dtype))
@@ -184,6 +214,9 @@ def train(args: TrainArgs, log=print) -> dict:
         interrupted.append(signal.Signals(signum).name)
 
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Under the mesh: the MoE layers see its `expert` axis and dispatch over it.
+    mesh_ctx = jax.set_mesh(mesh)
+    mesh_ctx.__enter__()
     try:
         step = step0
         while step < last_stop:
@@ -222,4 +255,5 @@ def train(args: TrainArgs, log=print) -> dict:
         progress.close()
         mlog.close()
         ckpts.close()
+        mesh_ctx.__exit__(None, None, None)
     return rec
