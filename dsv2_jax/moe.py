@@ -79,7 +79,7 @@ class Router(nnx.Module):
         self.cfg = cfg
         # Always float32, whatever param_dtype is.
         self.kernel = normal_param(rngs, (cfg.hidden_size, cfg.n_routed_experts),
-                                   cfg.initializer_range, jnp.float32, ("embed", "exp"))
+                                   cfg.initializer_range, jnp.float32, ("embed", "router"))
 
     def __call__(self, x, *, train: bool = False, batch: int = 1, valid=None) -> RouterOutput:
         """x [T, D] (batch sequences of T/batch tokens), valid [T] bool (None: all real
@@ -291,10 +291,6 @@ def routed_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str,
 # ---------------------------------------------------------------------------------------
 # Expert parallelism: routed experts sharded over the mesh's `expert` axis.
 
-# Mesh axes the tokens (batch) are split over; every device holds its own tokens.
-TOKEN_AXES = ("data", "fsdp", "expert")
-
-
 def expert_parallel_size() -> int:
     """Size of the `expert` axis of the ambient mesh (`jax.set_mesh`); 1 without one."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -344,7 +340,9 @@ def routed_experts_ep(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: s
     if w_gate.shape[0] % ep:
         raise ValueError(f"n_routed_experts={w_gate.shape[0]} is not divisible by the "
                          f"expert-parallel size {ep}")
-    axes = tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
+    from dsv2_jax.sharding.rules import BATCH_AXES  # the axes tokens are split over
+
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     shards = math.prod(int(mesh.shape[a]) for a in axes)
     T = x.shape[0]
     pad = -T % shards

@@ -30,15 +30,12 @@ def spec_of(logical_axes, shape, mesh: Mesh, rules=RULES) -> P:
 
 def param_shardings(abstract_model, mesh: Mesh, rules=RULES):
     """The NamedSharding of every parameter of an (abstract) NNX model, as a pure dict with
-    the structure of `params_of(model)`. The router kernel's `exp` dim stays replicated: only
-    the routed experts (`exp` first after the layer axis) are sharded."""
+    the structure of `params_of(model)`."""
     state = nnx.state(abstract_model, nnx.Param)
     variables = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     shardings = []
     for v in variables:
         axes = tuple(v.get_metadata().get("logical_axes", ()))
-        if "exp" in axes and "embed" in axes and axes.index("exp") > axes.index("embed"):
-            axes = tuple(None if a == "exp" else a for a in axes)  # the router [.., D, E]
         shardings.append(NamedSharding(mesh, spec_of(axes, v.shape, mesh, rules)))
     return jax.tree.unflatten(jax.tree.structure(nnx.to_pure_dict(state)), shardings)
 
@@ -50,6 +47,3 @@ def optimizer_shardings(tx: optax.GradientTransformation, opt_state_shape, param
     return optax.tree_map_params(tx, lambda _, sh: sh, opt_state_shape, params_sh,
                                  transform_non_params=lambda _: rep)
 
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_mesh import ARGS, _metrics, _run
+from test_mesh import _metrics, _run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
