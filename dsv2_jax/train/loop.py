@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -213,7 +214,10 @@ def train(args: TrainArgs, log=print) -> dict:
             raise KeyboardInterrupt
         interrupted.append(signal.Signals(signum).name)
 
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Signal handlers can only be installed from the main thread (train() may run elsewhere,
+    # e.g. in a notebook worker thread; there signals keep their default behaviour).
+    old_handlers = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+                    if threading.current_thread() is threading.main_thread() else {})
     # Under the mesh: the MoE layers see its `expert` axis and dispatch over it.
     mesh_ctx = jax.set_mesh(mesh)
     mesh_ctx.__enter__()
@@ -247,7 +251,8 @@ def train(args: TrainArgs, log=print) -> dict:
             if due and consecutive_bad == 0:
                 ckpts.save(step, state, data_iter)
             if interrupted:
-                log(f"{interrupted[0]}: saved step {step}, stopping")
+                saved = "saved step" if consecutive_bad == 0 else "non-finite, not saved: step"
+                log(f"{interrupted[0]}: {saved} {step}, stopping")
                 break
     finally:
         for sig, handler in old_handlers.items():
