@@ -232,10 +232,11 @@ def train(args: TrainArgs, log=print) -> dict:
             m = jax.device_get(m)
             dt = time.perf_counter() - t0
             step += 1
-            rec = {"step": step, **{k: float(v) for k, v in m.items() if k not in ("finite", "ce_sum")},
-                   "finite": bool(m["finite"]), "step_time": dt, "tokens_per_sec": tokens_per_step / dt}
+            rec = {"step": step, **{k: float(v) for k, v in m.items()
+                                    if k not in ("finite", "ce_sum", "nonfinite_total")},
+                   "finite": bool(m["finite"]), "step_time": dt, "tokens_per_sec": tokens_per_step / dt,
+                   "nonfinite_total": int(m["nonfinite_total"])}
             rec["mfu"] = (flops_tok * tokens_per_step / dt / peak) if peak else None
-            rec["nonfinite_total"] = int(jax.device_get(state["nonfinite"]))
             mlog.write(rec)
             progress.update(rec)
             consecutive_bad = 0 if rec["finite"] else consecutive_bad + 1

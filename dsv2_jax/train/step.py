@@ -123,7 +123,8 @@ def make_train_step(fns: ModelFns, cfg: DeepseekV2Config, tx: optax.GradientTran
         # Skipped (non-finite) steps do not advance optax's count: the rate of this step is
         # that of the updates applied so far.
         metrics = dict(stats, loss=loss, grad_norm=grad_norm,
-                       lr=schedule(state["step"] - state["nonfinite"]), finite=finite)
+                       lr=schedule(state["step"] - state["nonfinite"]), finite=finite,
+                       nonfinite_total=new_state["nonfinite"])
         return new_state, metrics
 
     return step
