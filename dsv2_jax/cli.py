@@ -12,7 +12,20 @@ _COMMAND_MODULES = (
     "dsv2_jax.cli_info",
     "dsv2_jax.train.cli",
     "dsv2_jax.checkpoint.convert",
+    "dsv2_jax.cli_generate",
 )
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every option that has a default and does not already say
+    what its default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or "default:" in text or action.default in (None, argparse.SUPPRESS)
+                or action.default == [] or not action.option_strings or action.nargs == 0):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,12 +90,18 @@ class DeepseekV2Config:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     moe_backend: str = "auto"  # auto | ragged_dot | blocked
+    # Expert-parallel exchange: auto (ragged all-to-all on GPU/TPU when dropless, whole
+    # buffers on CPU and under a capacity) | fixed | ragged.
+    moe_dispatch: str = "auto"
     attn_impl: str = "xla"
     remat: str = "none"  # none | full | dots
     # Layers per scan iteration. 1 keeps compile time flat in depth; unrolling a short stack
     # saves XLA:CPU the zero-filled per-layer residual buffers of the scan (~15% of a tiny
     # train step on 2 cores).
     scan_unroll: int = 1
+    # Training loss: sequence positions per chunk of logits (0: all at once). The float32
+    # logits of a chunk, [batch, ce_chunk, vocab], are the largest tensor of the loss.
+    ce_chunk: int = 512
 
     def __post_init__(self):
         # Normalise a few spellings so that equal configs compare (and hash) equal.
@@ -239,6 +245,20 @@ class DeepseekV2Config:
                 if m * (e // d) < k:
                     bad("max_devices_per_token", f"{m} device groups of {e // d} experts hold "
                         f"fewer than num_experts_per_tok={k}")
+                if self.topk_method == "group_limited_greedy":
+                    # Both limits apply: the fewest experts that can survive them must be >= K.
+                    g, tg = self.n_group, self.topk_group
+                    if g % d == 0:
+                        least = min(tg, m) * (e // g)
+                    elif d % g == 0:
+                        least = min(m, tg * d // g) * (e // d)
+                    else:
+                        bad("num_device_groups", f"{d} device groups and n_group={g} must divide one "
+                            f"another when group-limited and device-limited routing are both on")
+                    if least < k:
+                        bad("max_devices_per_token", f"with topk_group={tg} of n_group={g} and {m} of "
+                            f"{d} device groups, as few as {least} experts remain, fewer than "
+                            f"num_experts_per_tok={k}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             bad("capacity_factor", f"must be null or positive, got {self.capacity_factor}")
         if not 0.0 <= self.never_drop_fraction <= 1.0:
@@ -255,10 +275,14 @@ class DeepseekV2Config:
                 bad(f, f"unknown dtype {getattr(self, f)!r}; expected one of {_DTYPES}")
         if self.moe_backend not in ("auto", "ragged_dot", "blocked"):
             bad("moe_backend", f"unknown {self.moe_backend!r}; expected auto|ragged_dot|blocked")
+        if self.moe_dispatch not in ("auto", "fixed", "ragged"):
+            bad("moe_dispatch", f"unknown {self.moe_dispatch!r}; expected auto|fixed|ragged")
         if self.attn_impl not in ("xla", "reference"):
             bad("attn_impl", f"unknown {self.attn_impl!r}; expected 'xla' or 'reference'")
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
             bad("scan_unroll", f"must be a positive integer, got {self.scan_unroll!r}")
+        if not isinstance(self.ce_chunk, int) or self.ce_chunk < 0:
+            bad("ce_chunk", f"must be a non-negative integer, got {self.ce_chunk!r}")
         if self.remat not in ("none", "full", "dots"):
             bad("remat", f"unknown {self.remat!r}; expected none|full|dots")
 

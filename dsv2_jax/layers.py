@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv2_jax.sharding.rules import gathered
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -21,6 +23,12 @@ def normal_param(rngs: nnx.Rngs, shape, std: float, dtype, axes: tuple) -> nnx.P
     return nnx.Param(value, logical_axes=axes)
 
 
+def use(param: nnx.Param):
+    """A parameter's value as the computation uses it: gathered over the mesh axes that
+    split it for storage only (FSDP); unchanged on one device."""
+    return gathered(param[...], param.get_metadata().get("logical_axes", ()))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, axis_name="norm"):
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
@@ -29,7 +37,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+        return use(self.weight).astype(x.dtype) * xf.astype(x.dtype)
 
 
 class Linear(nnx.Module):
@@ -41,7 +49,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        return jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return jnp.einsum("...i,io->...o", x.astype(self.dtype), use(self.kernel).astype(self.dtype))
 
 
 class MLP(nnx.Module):
@@ -64,8 +72,8 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids):
-        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        return jnp.take(use(self.weight), ids, axis=0).astype(self.dtype)
 
     def attend(self, x):
         """Tied unembedding: x [..., D] -> logits [..., V]."""
-        return jnp.einsum("...d,vd->...v", x, self.weight[...].astype(self.dtype))
+        return jnp.einsum("...d,vd->...v", x, use(self.weight).astype(self.dtype))

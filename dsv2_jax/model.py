@@ -16,9 +16,14 @@ from flax import nnx
 
 from dsv2_jax.attention import MLA, attention_mask
 from dsv2_jax.config import DeepseekV2Config
-from dsv2_jax.layers import MLP, Embed, Linear, RMSNorm, dtype_of
+from dsv2_jax.layers import MLP, Embed, Linear, RMSNorm, dtype_of, use
 from dsv2_jax.moe import MoE
 from dsv2_jax.rope import rope_cos_sin
+from dsv2_jax.sharding.rules import constrain
+
+# Logical layouts of the activations at layer boundaries (sharding/rules.py maps them).
+ACT_BTD = ("act_batch", "act_seq", "act_embed")
+ACT_BTV = ("act_batch", "act_seq", "act_vocab")
 
 _REMAT_POLICIES = {
     "full": None,
@@ -42,13 +47,14 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, valid=None, *, train: bool = False):
         """valid [B,T] bool marks real (non-padding) tokens. Returns (x, router output or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        h = self.post_attention_layernorm(x)
+        a = constrain(self.self_attn(constrain(self.input_layernorm(x), ACT_BTD), cos, sin, mask), ACT_BTD)
+        x = x + a
+        h = constrain(self.post_attention_layernorm(x), ACT_BTD)
         if self.is_moe:
             h, router = self.mlp(h, train=train, valid=valid)
         else:
             h, router = self.mlp(h), None
-        return x + h, router
+        return x + constrain(h, ACT_BTD), router
 
 
 def _stacked(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -109,18 +115,25 @@ class DeepseekV2ForCausalLM(nnx.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         cos, sin = rope_cos_sin(self.cfg, positions)
         mask = attention_mask(segment_ids, segment_ids)
-        x = self.embed_tokens(input_ids)
+        x = constrain(self.embed_tokens(input_ids), ACT_BTD)
         routers = []
         for seg in self.segments:
             x, router = seg(x, cos, sin, mask, segment_ids > 0, train=train)
             if seg.moe:
                 routers.append(router)
-        return self.norm(x), routers
+        return constrain(self.norm(x), ACT_BTD), routers
 
     def logits_from_hidden(self, h):
         if self.cfg.tie_word_embeddings:
-            return self.embed_tokens.attend(h)
-        return self.lm_head(h)
+            return constrain(self.embed_tokens.attend(h), ACT_BTV)
+        return constrain(self.lm_head(h), ACT_BTV)
+
+    def output_kernel(self):
+        """The unembedding as [D, V] in the compute dtype (lm_head, or the tied embedding
+        transposed): what a chunked loss multiplies the hidden states with."""
+        if self.cfg.tie_word_embeddings:
+            return use(self.embed_tokens.weight).astype(self.embed_tokens.dtype).T
+        return use(self.lm_head.kernel).astype(self.lm_head.dtype)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, train: bool = False,
                  return_routers: bool = False):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dsv2_jax.config import DeepseekV2Config
-from dsv2_jax.layers import MLP, dtype_of, normal_param
+from dsv2_jax.layers import MLP, dtype_of, normal_param, use
 
 
 @struct.dataclass
@@ -87,7 +87,8 @@ class Router(nnx.Module):
         capacity_factor."""
         cfg = self.cfg
         valid = jnp.ones(x.shape[0], bool) if valid is None else valid
-        logits = jnp.einsum("td,de->te", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        logits = jnp.einsum("td,de->te", x.astype(jnp.float32), use(self.kernel).astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
         scores = jax.nn.softmax(logits, axis=-1)
         idx, weight = select_experts(scores, cfg, train=train)
         counts = jnp.zeros(cfg.n_routed_experts, jnp.int32).at[idx.reshape(-1)].add(

@@ -34,3 +34,11 @@ def count_params(cfg: DeepseekV2Config) -> tuple[int, int]:
     else:
         active = total
     return total, active - embed
+
+
+def human_count(n: int) -> str:
+    """1_090_000 -> '1.09M', 235.7e9 -> '235.74B': units that fit the number."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)

@@ -1,6 +1,6 @@
 """Data-parallel `dsv2 train --mesh data=N` on simulated CPU devices equals the one-device
-run, including a stop and resume on the mesh; unsupported axes are refused clearly. Expert
-parallelism is tested in test_ep.py."""
+run, including a stop and resume on the mesh; bad meshes are refused clearly. Expert
+parallelism is tested in test_ep.py, FSDP and tensor parallelism in test_sharding.py."""
 
 import json
 import os
@@ -41,9 +41,8 @@ def test_data_parallel_matches_one_device_and_resumes(tmp_path):
         np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=2e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("mesh,msg", [("fsdp=2", "not supported yet"), ("tensor=2", "not supported yet"),
-                                      ("data=3", "has 3 devices"),
-                                      ("model=2", "unknown axis")])
+@pytest.mark.parametrize("mesh,msg", [("data=3", "has 3 devices"), ("model=2", "unknown axis"),
+                                      ("data=-1,fsdp=-1", "only one axis may be -1")])
 def test_bad_meshes_are_refused_in_one_line(tmp_path, mesh, msg):
     r = _run(tmp_path / "x", 2, ["--mesh", mesh])
     assert r.returncode == 1

@@ -75,8 +75,9 @@ def test_persistent_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path
 
     wd = str(tmp_path / "run")
     train(TrainArgs(workdir=wd, steps=4, checkpoint_every=4, **SMALL))
-    real = step_mod.cross_entropy
-    monkeypatch.setattr(step_mod, "cross_entropy", lambda l, t, m: (real(l, t, m)[0] * jnp.nan, real(l, t, m)[1]))
+    real = step_mod.chunked_cross_entropy
+    monkeypatch.setattr(step_mod, "chunked_cross_entropy",
+                        lambda *a: (real(*a)[0] * jnp.nan, real(*a)[1]))
     with pytest.raises(TrainingError, match="non-finite for 3 consecutive steps"):
         train(TrainArgs(workdir=wd, steps=20, checkpoint_every=2, max_nonfinite=3, **SMALL))
     assert _steps(wd) == [4]

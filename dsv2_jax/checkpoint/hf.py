@@ -153,12 +153,73 @@ def load_state(cfg: DeepseekV2Config, src: SafetensorsDir, abstract_state, *, pr
     return out
 
 
-def from_pretrained(path, dtype=None, compute_dtype=None, **overrides) -> DeepseekV2ForCausalLM:
+def _hf_block(src: SafetensorsDir, e: Entry, trailing: tuple, dtype) -> np.ndarray:
+    """The part `trailing` (slices of our trailing dims) of one HF tensor, laid out as ours
+    and cast to dtype, reading only the rows of the HF tensor it needs."""
+    if src.dtype_name(e.hf_name).startswith("F8"):
+        read_tensor(src, e.hf_name)  # raises the FP8 refusal
+    hf_slices = tuple(reversed(trailing)) if e.transpose else trailing
+    if not hf_slices:  # a 0-d tensor
+        block = src.read_rows(e.hf_name, 0, 1)
+    else:
+        rows = hf_slices[0]
+        block = src.read_rows(e.hf_name, rows.start, rows.stop)[(slice(None),) + hf_slices[1:]]
+    if e.transpose:
+        block = block.T
+    return np.ascontiguousarray(block.astype(dtype, copy=False))
+
+
+def _normalise(index: tuple, shape: tuple) -> tuple:
+    return tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape)) + tuple(
+        slice(0, n) for n in shape[len(index):])
+
+
+def load_sharded(cfg: DeepseekV2Config, src: SafetensorsDir, abstract_state, shardings: dict, *,
+                 progress=None) -> dict:
+    """Every parameter as a `jax.Array` placed straight onto its sharding: each device's shard
+    is assembled from the byte ranges of the HF tensors it covers (a stacked expert shard from
+    its experts' tensors, a row-split weight from those rows), so this process reads only what
+    its own devices hold and host memory peaks at about one shard block, never a whole
+    model. shardings: {path tuple: jax.sharding.Sharding}. Returns {path: jax.Array}."""
+    import jax
+
+    entries = param_map(cfg, abstract_state)
+    check_tensors(src, entries)
+    by_path: dict[tuple, dict[tuple, Entry]] = {}
+    for e in entries:
+        by_path.setdefault(e.path, {})[e.index] = e
+    out = {}
+    for path, var in _flat(abstract_state).items():
+        shape, dtype = tuple(var.shape), np.dtype(var.dtype)
+        parts = by_path[path]
+        lead = len(next(iter(parts)))
+
+        def block(index, parts=parts, lead=lead, shape=shape, dtype=dtype):
+            idx = _normalise(index, shape)
+            ranges = [range(sl.start, sl.stop) for sl in idx[:lead]]
+            buf = np.empty(tuple(sl.stop - sl.start for sl in idx), dtype)
+            for combo in np.ndindex(*[len(r) for r in ranges]):
+                key = tuple(r[c] for r, c in zip(ranges, combo))
+                buf[combo] = _hf_block(src, parts[key], idx[lead:], dtype)
+            if progress is not None:
+                progress(".".join(map(str, path)), buf.nbytes)
+            return buf
+
+        out[path] = jax.make_array_from_callback(shape, shardings[path], block)
+    return out
+
+
+def from_pretrained(path, dtype=None, compute_dtype=None, mesh=None, rules=None,
+                    **overrides) -> DeepseekV2ForCausalLM:
     """Loads an HF directory (single or sharded safetensors; official or transformers-5
-    config.json), tensor by tensor, into a `DeepseekV2ForCausalLM`.
+    config.json), a dsv2 Orbax checkpoint or a training workdir into a
+    `DeepseekV2ForCausalLM`.
 
     dtype: parameter dtype (default: the checkpoint's); the router stays float32.
     compute_dtype: activation dtype (default: the parameter dtype).
+    mesh: place every parameter straight onto its sharding under this mesh (the rules table
+    of `dsv2_jax.sharding.rules`, or `rules`): each process reads only the parts of tensors
+    its devices hold. Default: everything on the first device.
     Any mismatch between config and tensors raises `CheckpointError`; nothing is initialised
     at random.
     """
@@ -166,7 +227,8 @@ def from_pretrained(path, dtype=None, compute_dtype=None, **overrides) -> Deepse
     from dsv2_jax.checkpoint import orbax_io
 
     if orbax_io.is_orbax_checkpoint(path) or orbax_io.is_training_workdir(path):
-        return orbax_io.load_model(path, dtype=dtype, compute_dtype=compute_dtype, **overrides)
+        return orbax_io.load_model(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh,
+                                   rules=rules, **overrides)
     cfg = DeepseekV2Config.from_hf(path)
     src = SafetensorsDir(path)
     pdt = dtype if dtype is not None else _checkpoint_dtype(src)
@@ -174,14 +236,39 @@ def from_pretrained(path, dtype=None, compute_dtype=None, **overrides) -> Deepse
     cfg = cfg.replace(param_dtype=pdt, dtype=jnp.dtype(compute_dtype or pdt).name, **overrides)
     abstract = abstract_model(cfg)
     graphdef, abs_state = nnx.split(abstract)
-    arrays = load_state(cfg, src, abs_state)
+    shardings = flat_shardings(abstract, mesh, rules)
+    arrays = load_sharded(cfg, src, abs_state, shardings)
     return assemble_model(graphdef, abs_state, arrays)
+
+
+def flat_shardings(abstract, mesh=None, rules=None) -> dict:
+    """{param path: sharding} of an abstract model: the rules table's under `mesh`, else the
+    first device."""
+    import jax
+
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return {p: one for p in _flat(nnx.state(abstract))}
+    from dsv2_jax.sharding.rules import param_shardings
+
+    out = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(prefix + (k,), v)
+        else:
+            out[prefix] = node
+
+    walk((), param_shardings(abstract, mesh, rules))
+    return out
 
 
 def assemble_model(graphdef, abs_state, arrays: dict) -> DeepseekV2ForCausalLM:
     missing = [p for p in _flat(abs_state) if p not in arrays]
     if missing:
         raise CheckpointError(f"no value for parameter {'.'.join(map(str, missing[0]))}")
-    state = nnx.from_flat_state([(p, v.replace(jnp.asarray(arrays[tuple(p)])))
+    state = nnx.from_flat_state([(p, v.replace(arrays[tuple(p)] if not isinstance(arrays[tuple(p)], np.ndarray)
+                                                else jnp.asarray(arrays[tuple(p)])))
                                  for p, v in nnx.to_flat_state(abs_state)])
     return nnx.merge(graphdef, state)

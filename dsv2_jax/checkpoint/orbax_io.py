@@ -411,13 +411,15 @@ def restore_params(path: str, abstract_state, prefix: tuple = ()):
     return {tuple(p): get(tuple(p)) for p, _ in flat}
 
 
-def load_model(path, dtype=None, compute_dtype=None, **overrides):
+def load_model(path, dtype=None, compute_dtype=None, mesh=None, rules=None, **overrides):
     """A `DeepseekV2ForCausalLM` from a dsv2_jax Orbax checkpoint directory or a training
     workdir (its newest complete step).
 
     dtype: parameter dtype (default: the checkpoint's param_dtype); the router stays float32.
     compute_dtype: activation dtype (default: the checkpoint's when no dtype is given, else
     the parameter dtype).
+    mesh: restore every parameter onto its sharding under this mesh (the rules table, or
+    `rules`); each device reads only its part. Default: the first device.
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -434,6 +436,15 @@ def load_model(path, dtype=None, compute_dtype=None, **overrides):
     # Without either dtype, the checkpoint's own pair (e.g. f32 master weights, bf16 compute).
     cdt = compute_dtype or (cfg.dtype if dtype is None else pdt)
     cfg = cfg.replace(param_dtype=pdt, dtype=jnp.dtype(cdt).name, **overrides)
-    graphdef, abs_state = nnx.split(abstract_model(cfg))
+    import jax
+
+    from dsv2_jax.checkpoint.hf import flat_shardings
+
+    abstract = abstract_model(cfg)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = flat_shardings(abstract, mesh, rules)
+    abs_state = nnx.from_flat_state([
+        (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[tuple(p)])))
+        for p, v in nnx.to_flat_state(abs_state)])
     directory, prefix = params_location(path)
     return nnx.merge(graphdef, restore_params(directory, abs_state, prefix))

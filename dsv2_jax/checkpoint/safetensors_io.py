@@ -130,6 +130,34 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
         return buf.view(DTYPES[dt]).reshape(shape)
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the leading dimension (elements of a 1-D tensor), read with
+        plain file I/O: only their bytes are read, and nothing stays mapped. How a sharded
+        load reads just the part of a tensor one device holds."""
+        if name not in self.entries:
+            raise CheckpointError(f"{self.path}: file does not contain tensor {name!r}")
+        dt, shape, begin, end = self.entries[name]
+        dtype = DTYPES[dt]
+        shape = shape or (1,)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        start, stop = max(0, start), min(shape[0], stop)
+        buf = np.empty(max(0, stop - start) * row, np.uint8)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.data_start + begin + start * row)
+                view, got = memoryview(buf), 0
+                while got < len(buf):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: shard file is missing") from None
+        if got != len(buf):
+            raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
+        out = buf.view(dtype).reshape((max(0, stop - start),) + tuple(shape[1:]))
+        return out if self.entries[name][1] else out.reshape(())
+
     def close(self):
         self._mm = None
 
@@ -196,6 +224,9 @@ class SafetensorsDir:
     def read(self, name: str) -> np.ndarray:
         """A private copy of one tensor (see `SafetensorsFile.read`)."""
         return self.file_of(name).read(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.file_of(name).read_rows(name, start, stop)
 
     def shape(self, name: str) -> tuple:
         return self.file_of(name).shape(name)

@@ -22,6 +22,15 @@ class CheckpointMismatch(UserError, RuntimeError):
     """No checkpoint of the workdir can be restored into this run; the message says why."""
 
 
+def checkpoint_steps(directory: str) -> list[int]:
+    """The committed steps under a checkpoints directory, without opening a manager (which
+    would create the directory). Unfinished saves are `N.orbax-checkpoint-tmp*` folders."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(s) for s in os.listdir(directory)
+                  if s.isdigit() and os.path.isdir(os.path.join(directory, s)))
+
+
 def _is_structure_mismatch(e: Exception) -> bool:
     msg = str(e).lower()
     return "tree structures do not match" in msg

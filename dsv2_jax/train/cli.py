@@ -6,63 +6,84 @@ import argparse
 
 
 def add_cli(sub) -> None:
+    from dsv2_jax.cli import HelpFormatter
     from dsv2_jax.train.loop import TrainArgs
 
     d = TrainArgs()
-    p = sub.add_parser("train", help="train (or resume training) a DeepSeek-V2",
+    fmt = HelpFormatter
+    p = sub.add_parser("train", help="train (or resume training) a DeepSeek-V2", formatter_class=fmt,
                        description="Rerunning the same command on the same --workdir resumes from "
                                    "its newest good checkpoint.")
     p.add_argument("--config", default=d.config, help="preset (tiny, v2-lite, v2) or config.json path")
-    p.add_argument("--workdir", default=d.workdir)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--workdir", default=None,
+                   help="run directory (default: runs/<config name>, or runs/<--init-from name>)")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps of the run")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, in sequences")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="save a checkpoint every this many steps (and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help="newest checkpoints kept")
     p.add_argument("--mesh", default=None,
-                   help="axis=n,... over data,fsdp,expert,tensor (data and expert > 1 so far); "
-                        "default: all devices on data")
-    p.add_argument("--data", default=d.data, help="data SPEC (see docs/data.md); default: stdlib")
-    p.add_argument("--init-from", default=None, help="HF safetensors dir or dsv2 Orbax checkpoint")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+                   help="axis=n,... over data,fsdp,expert,tensor (default: all devices on data)")
+    p.add_argument("--data", default=d.data, help="data SPEC (see docs/data.md)")
+    p.add_argument("--init-from", default=None,
+                   help="start from these weights and their config: an HF safetensors directory, "
+                        "a dsv2 Orbax checkpoint (dsv2 convert --to orbax) or a training workdir "
+                        "(its newest checkpoint)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config fields (values parsed as JSON)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: min(2000, steps/10)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps (default: min(2000, steps/10))")
     p.add_argument("--schedule", default=d.schedule, choices=["step", "cosine", "constant"],
-                   help="step: x0.316 at 60%% and 90%% of training (the paper's); cosine")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+                   help="after warm-up: step (x0.316 at 60%% and 90%% of training, the paper's), "
+                        "cosine or constant")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=d.clip, help="global gradient-norm clip (0: off)")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per step, their gradients averaged")
+    p.add_argument("--seed", type=int, default=d.seed, help="initialisation and data-order seed")
     p.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite,
                    help="stop after this many consecutive non-finite steps")
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for the MFU estimate")
+    p.add_argument("--master-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="dtype of the parameters and optimizer state (default: float32, whatever "
+                        "the preset or checkpoint stores; compute runs in the config's dtype)")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help="print a progress line every this many steps (when not on a terminal)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak for the MFU estimate (default: known for the device)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_train)
 
-    e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on data")
+    e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on data",
+                       formatter_class=fmt)
     e.add_argument("--model", required=True, help="training workdir, HF dir or dsv2 Orbax checkpoint")
     e.add_argument("--data", default="stdlib", help="data SPEC; stdlib evaluates its held-out split")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--seq-len", type=int, default=256)
-    e.add_argument("--max-batches", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    e.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    e.add_argument("--max-batches", type=int, default=None,
+                   help="stop after this many batches (default: the whole held-out split)")
     e.set_defaults(func=run_eval)
 
-    pl = sub.add_parser("plot", help="PNG of the loss and expert-load curves of a run")
-    pl.add_argument("workdir")
-    pl.add_argument("--out", default=None, help="default: WORKDIR/metrics.png")
+    pl = sub.add_parser("plot", help="PNG of the loss, learning-rate and expert-load curves of a run",
+                        formatter_class=fmt)
+    pl.add_argument("workdir", help="a training workdir (reads its metrics.jsonl)")
+    pl.add_argument("--out", default=None, help="output PNG (default: WORKDIR/metrics.png)")
     pl.set_defaults(func=run_plot)
 
 
 def run_train(a) -> int:
     import dataclasses
 
-    from dsv2_jax.train.loop import TrainArgs, train
+    from dsv2_jax.train.loop import TrainArgs, default_workdir, train
 
     args = TrainArgs(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainArgs)})
+    if not args.workdir:
+        args = dataclasses.replace(args, workdir=default_workdir(args.config, args.init_from))
     rec = train(args)
     if rec:
-        print(f"done: step {rec['step']} loss {rec['loss']:.4f}; metrics in {a.workdir}/metrics.jsonl")
+        print(f"done: step {rec['step']} loss {rec['loss']:.4f}; metrics in {args.workdir}/metrics.jsonl")
     return 0
 
 

@@ -7,6 +7,10 @@ workdir/
   checkpoints/N/    Orbax: state (params, optimizer, step, counters) + data iterator
   damaged/N/        checkpoints that failed to restore, moved aside
   metrics.jsonl     one JSON object per step
+
+Everything a run could be refused for (config, mesh, data spec, init source, resume
+arguments) is checked before the first file is written, so a refused run leaves the workdir
+as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -23,7 +28,7 @@ import jax
 from dsv2_jax.config import DeepseekV2Config, load_config
 from dsv2_jax.errors import UserError
 from dsv2_jax.train import metrics as M
-from dsv2_jax.train.checkpointing import TrainCheckpoints
+from dsv2_jax.train.checkpointing import TrainCheckpoints, checkpoint_steps
 from dsv2_jax.train.optim import lr_schedule, make_optimizer
 from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
 
@@ -39,7 +44,7 @@ class TrainingError(UserError, RuntimeError):
 @dataclasses.dataclass
 class TrainArgs:
     config: str = "tiny"
-    workdir: str = "runs/tiny"
+    workdir: str | None = None  # default: runs/<config name>
     steps: int = 300
     batch_size: int = 8
     seq_len: int = 256
@@ -57,18 +62,47 @@ class TrainArgs:
     seed: int = 0
     max_nonfinite: int = 10
     mesh: str | None = None
+    master_dtype: str | None = None  # parameter + optimizer dtype; default float32
     log_every: int = 10
     peak_tflops: float | None = None
     stop_after: int | None = None  # stop (with a checkpoint) after this step; for tests
 
 
+def default_workdir(config: str, init_from: str | None = None) -> str:
+    """runs/<name>: the preset's name, a config file's stem (its folder's name for a file
+    called config.json), or the --init-from directory's name."""
+    src = init_from or config
+    path = os.path.normpath(os.fspath(src))
+    name = os.path.basename(path)
+    if name.endswith(".json"):
+        stem = name[:-5]
+        name = os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == "config" else stem
+    return os.path.join("runs", name or "run")
+
+
+def config_name(args: TrainArgs) -> str:
+    return args.init_from or args.config
+
+
 def _resolve_config(args: TrainArgs) -> DeepseekV2Config:
     saved = os.path.join(args.workdir, "config.json")
-    if args.init_from:
-        cfg = DeepseekV2Config.from_hf(os.path.join(args.init_from, "config.json"))
-    else:
-        cfg = load_config(args.config)
-    cfg = cfg.with_overrides(args.set)
+    try:
+        if args.init_from:
+            if not os.path.isdir(args.init_from):
+                raise TrainingError(f"--init-from {args.init_from}: no such directory (expected an "
+                                    f"HF safetensors directory, a dsv2 Orbax checkpoint or a "
+                                    f"training workdir)")
+            cfg = DeepseekV2Config.from_hf(os.path.join(args.init_from, "config.json"))
+        else:
+            cfg = load_config(args.config)
+        cfg = cfg.with_overrides(args.set)
+        # Master weights and optimizer state are float32 whatever the preset or checkpoint
+        # stores (bf16 presets describe the released weights), unless asked otherwise.
+        explicit = any(str(item).split("=", 1)[0].strip() == "param_dtype" for item in args.set)
+        if args.master_dtype or not explicit:
+            cfg = cfg.replace(param_dtype=args.master_dtype or "float32")
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(str(e)) from None
     if os.path.exists(saved):
         prev = DeepseekV2Config.from_hf(saved)
         if prev != cfg:
@@ -78,53 +112,120 @@ def _resolve_config(args: TrainArgs) -> DeepseekV2Config:
     return cfg
 
 
-def _initial_params(cfg: DeepseekV2Config, args: TrainArgs, abstract_params) -> dict:
-    """Fresh parameters, or those of --init-from (checked against the run's config, whose
-    --set overrides govern the graph either way)."""
+def _initial_state(cfg: DeepseekV2Config, args: TrainArgs, tx, abstract_params, mesh, state_sh):
+    """The step-0 training state, created straight onto its shardings: fresh parameters by a
+    jitted init with `out_shardings` (no device ever holds a whole split parameter), or those
+    of --init-from, each tensor read onto its sharding (checked against the run's config,
+    whose --set overrides govern the graph either way)."""
     from flax import nnx
 
     from dsv2_jax.model import DeepseekV2ForCausalLM
 
     if not args.init_from:
-        return params_of(DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(params=args.seed)))
+        def fresh():
+            return init_state(params_of(DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(params=args.seed))), tx)
+
+        return jax.jit(fresh, out_shardings=state_sh)()
     from dsv2_jax import from_pretrained
 
-    params = params_of(from_pretrained(args.init_from, dtype=cfg.param_dtype, compute_dtype=cfg.dtype))
+    try:
+        params = params_of(from_pretrained(args.init_from, dtype=cfg.param_dtype,
+                                           compute_dtype=cfg.dtype, mesh=mesh))
+    except ValueError as e:  # CheckpointError and config refusals
+        raise TrainingError(f"--init-from {args.init_from}: {e}") from None
     want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params)
     got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
     if want != got:
         raise TrainingError(f"--init-from {args.init_from}: its parameters do not fit the config "
                             f"after --set (an architecture field was overridden?)")
-    return params
+    return jax.jit(lambda p: init_state(p, tx), out_shardings=state_sh, donate_argnums=0)(params)
 
 
-def _expert_parallel_config(cfg: DeepseekV2Config, ep: int) -> DeepseekV2Config:
-    """The config the graph runs with on an `expert` axis of size ep > 1: device-limited
-    routing and the device/communication losses count the ep devices as the device groups
-    (num_device_groups 0 -> ep with max_devices_per_token = ep: no limit). The config
-    saved in the workdir stays the one given."""
-    if ep == 1:
+def expert_parallel_config(cfg: DeepseekV2Config, ep: int, log=print) -> DeepseekV2Config:
+    """The config the graph runs with on an `expert` axis of size ep > 1: the ep devices are
+    the device groups of device-limited routing and of the device/communication losses.
+
+    num_device_groups 0 -> ep groups with no per-token limit. Another count D is mapped onto
+    the ep devices, keeping the fraction of devices a token may reach (M of D -> about
+    M * ep / D of ep, at least 1 and at least enough devices to hold K experts), and said in
+    one line. The config saved in the workdir stays the one given."""
+    if ep == 1 or not cfg.n_routed_experts:
         return cfg
     if cfg.capacity_factor is not None:
         raise TrainingError("token dropping (capacity_factor) is not supported with expert "
                             "parallelism yet: use --set capacity_factor=null or no expert axis")
-    if cfg.n_routed_experts % ep:
-        raise TrainingError(f"--mesh expert={ep}: n_routed_experts={cfg.n_routed_experts} is not "
-                            f"divisible by {ep}")
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    if E % ep:
+        raise TrainingError(f"--mesh expert={ep}: n_routed_experts={E} is not divisible by {ep}")
     if cfg.num_device_groups == 0:
         return cfg.replace(num_device_groups=ep, max_devices_per_token=ep)
-    if cfg.num_device_groups != ep:
-        raise TrainingError(f"--mesh expert={ep}: num_device_groups={cfg.num_device_groups} must "
-                            f"equal the expert-parallel size (the devices are the device groups); "
-                            f"use --set num_device_groups={ep} (or 0)")
-    return cfg
+    if cfg.num_device_groups == ep:
+        return cfg
+    D, Mx = cfg.num_device_groups, cfg.max_devices_per_token
+    m = max(1, round(Mx * ep / D))
+    while m < ep and m * (E // ep) < K:
+        m += 1
+    try:
+        mapped = cfg.replace(num_device_groups=ep, max_devices_per_token=m)
+    except ValueError as e:
+        raise TrainingError(f"--mesh expert={ep}: the config's {D} device groups cannot be mapped "
+                            f"onto {ep} expert devices ({e})") from None
+    log(f"device-limited routing over the {ep} expert devices: each token reaches at most {m} of "
+        f"{ep} (the config says {Mx} of {D} groups)")
+    return mapped
+
+
+def _check_args(args: TrainArgs) -> None:
+    for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints",
+                 "grad_accum", "log_every", "max_nonfinite"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size % args.grad_accum:
+        raise TrainingError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    if args.schedule not in ("step", "cosine", "constant"):
+        raise TrainingError(f"--schedule: unknown {args.schedule!r}; expected step|cosine|constant")
+
+
+def _check_resume(args: TrainArgs) -> dict | None:
+    """The first run's arguments (run.json), refusing a resume that changes the data stream."""
+    run_json = os.path.join(args.workdir, "run.json")
+    if not os.path.exists(run_json):
+        return None
+    with open(run_json) as f:
+        first = json.load(f)
+    # The saved data-iterator state only means something for the same data stream.
+    changed = [k for k in _DATA_ARGS if k in first and first[k] != getattr(args, k)]
+    if changed:
+        raise TrainingError(
+            f"{args.workdir} was trained with other data settings ("
+            + ", ".join(f"--{k.replace('_', '-')} {first[k]!r}" for k in changed)
+            + "); resume with the same ones or use a new --workdir")
+    return first
+
+
+def _describe(args: TrainArgs, cfg: DeepseekV2Config, mesh) -> str:
+    from dsv2_jax.params import count_params, human_count
+
+    total, active = count_params(cfg)
+    from dsv2_jax.sharding.mesh import mesh_spec
+
+    axes = mesh_spec(mesh) or "one device"
+    dev = jax.devices()[0]
+    return (f"model {config_name(args)} ({human_count(total)} parameters, {human_count(active)} "
+            f"active per token); data {args.data}; mesh {axes} over {jax.device_count()} "
+            f"{dev.platform} device(s); workdir {args.workdir}")
 
 
 def train(args: TrainArgs, log=print) -> dict:
-    """Runs (or resumes) training; returns the last step's metrics."""
+    """Runs (or resumes) training; returns the last step's metrics ({} when the run was
+    already finished)."""
     from dsv2_jax.sharding.mesh import batch_sharding, make_mesh, replicated
     from dsv2_jax.sharding.rules import optimizer_shardings, param_shardings
 
+    if not args.workdir:
+        args = dataclasses.replace(args, workdir=default_workdir(args.config, args.init_from))
+    # --- everything that can refuse the run, before any file is written ---------------
+    _check_args(args)
     try:
         mesh = make_mesh(args.mesh)
     except ValueError as e:
@@ -133,37 +234,26 @@ def train(args: TrainArgs, log=print) -> dict:
     if args.batch_size % n_batch_shards or args.batch_size % jax.process_count():
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {n_batch_shards} "
                             f"data-parallel devices and {jax.process_count()} processes")
-    for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints",
-                 "grad_accum", "log_every", "max_nonfinite"):
-        if getattr(args, name) < 1:
-            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.batch_size % args.grad_accum:
-        raise TrainingError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
-    os.makedirs(args.workdir, exist_ok=True)
-    cfg = _resolve_config(args)
-    cfg.save(os.path.join(args.workdir, "config.json"))
-    cfg = _expert_parallel_config(cfg, mesh.shape["expert"])
-    run_json = os.path.join(args.workdir, "run.json")
-    if os.path.exists(run_json):
-        # The saved data-iterator state only means something for the same data stream.
-        with open(run_json) as f:
-            first = json.load(f)
-        changed = [k for k in _DATA_ARGS if k in first and first[k] != getattr(args, k)]
-        if changed:
-            raise TrainingError(
-                f"{args.workdir} was trained with other data settings ("
-                + ", ".join(f"--{k.replace('_', '-')} {first[k]!r}" for k in changed)
-                + "); resume with the same ones or use a new --workdir")
-    else:
-        with open(run_json, "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+    given_cfg = _resolve_config(args)
+    cfg = expert_parallel_config(given_cfg, mesh.shape["expert"], log)
+    first_run = _check_resume(args)
+    ckdir = os.path.join(args.workdir, "checkpoints")
+    done = checkpoint_steps(ckdir)
+    last_stop = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    if done and done[-1] >= last_stop:
+        log(f"{args.workdir}: already at step {done[-1]} of {args.steps}; nothing to do "
+            f"(rerun with a larger --steps to train further)")
+        return {}
 
     from dsv2_jax.train.data import make_train_iter
 
     # Each process reads its own share of the global batch.
-    data_iter = make_train_iter(args.data, seq_len=args.seq_len,
-                                batch_size=args.batch_size // jax.process_count(),
-                                seed=args.seed, vocab_size=cfg.vocab_size)
+    try:
+        data_iter = make_train_iter(args.data, seq_len=args.seq_len,
+                                    batch_size=args.batch_size // jax.process_count(),
+                                    seed=args.seed, vocab_size=cfg.vocab_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(str(e)) from None
     warmup = args.warmup_steps if args.warmup_steps is not None else min(2000, args.steps // 10)
     schedule = lr_schedule(args.lr, args.steps, warmup, args.schedule)
     tx = make_optimizer(schedule, weight_decay=args.weight_decay, clip=args.clip)
@@ -172,28 +262,52 @@ def train(args: TrainArgs, log=print) -> dict:
 
     from dsv2_jax.model import DeepseekV2ForCausalLM
 
-    ckpts = TrainCheckpoints(os.path.join(args.workdir, "checkpoints"), keep=args.keep_checkpoints, log=log)
+    log(_describe(args, cfg, mesh))
     # The graph always comes from the run's config (overrides included).
     abstract_model = nnx.eval_shape(lambda: DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
     fns = ModelFns.from_model(abstract_model)
-    params = params_of(abstract_model) if ckpts.steps() else _initial_params(cfg, args, params_of(abstract_model))
-    # Parameters and optimizer state are replicated over the mesh except the routed experts
-    # (and their Adam moments), split over `expert`; batches are split over data x expert.
+    # Parameters and their Adam moments are laid out by the rules table (sharding/rules.py);
+    # batches are split over data x fsdp x expert.
     rep, bsh = replicated(mesh), batch_sharding(mesh)
-    state_shape = jax.eval_shape(lambda p: init_state(p, tx), params)
-    params_sh = param_shardings(abstract_model, mesh)
+    state_shape = jax.eval_shape(lambda p: init_state(p, tx), params_of(abstract_model))
+    try:
+        params_sh = param_shardings(abstract_model, mesh)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     state_sh = {"params": params_sh,
                 "opt_state": optimizer_shardings(tx, state_shape["opt_state"], params_sh, mesh),
                 "step": rep, "nonfinite": rep}
-    if ckpts.steps():
-        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                state_shape, state_sh)
-        step0, state = ckpts.restore_latest(abstract, data_iter)
-        log(f"resumed from {ckpts.directory}/{step0}")
-    else:
-        step0, state = 0, jax.device_put(init_state(params, tx), state_sh)
-    del params
+    created = not os.path.exists(args.workdir)
+    ckpts = None
+    try:
+        if done:
+            ckpts = TrainCheckpoints(ckdir, keep=args.keep_checkpoints, log=log)
+            abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                    state_shape, state_sh)
+            step0, state = ckpts.restore_latest(abstract, data_iter)
+            log(f"resumed from {ckpts.directory}/{step0}")
+        else:
+            step0, state = 0, _initial_state(cfg, args, tx, params_of(abstract_model), mesh, state_sh)
+        # --- the run is accepted: its files ----------------------------------------------
+        os.makedirs(args.workdir, exist_ok=True)
+        given_cfg.save(os.path.join(args.workdir, "config.json"))
+        if first_run is None:
+            with open(os.path.join(args.workdir, "run.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+        if ckpts is None:
+            ckpts = TrainCheckpoints(ckdir, keep=args.keep_checkpoints, log=log)
+    except BaseException:
+        if ckpts is not None:
+            ckpts.close()
+        if created and os.path.isdir(args.workdir) and not checkpoint_steps(ckdir):
+            shutil.rmtree(args.workdir, ignore_errors=True)
+        raise
+    return _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter, ckpts,
+                      mesh, state_sh, rep, bsh, log)
 
+
+def _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter, ckpts, mesh,
+               state_sh, rep, bsh, log) -> dict:
     step_fn = jax.jit(make_train_step(fns, cfg, tx, schedule, args.grad_accum), donate_argnums=0,
                       out_shardings=(state_sh, rep))
     tokens_per_step = args.batch_size * args.seq_len
@@ -201,8 +315,7 @@ def train(args: TrainArgs, log=print) -> dict:
     peak = (args.peak_tflops * 1e12 if args.peak_tflops else M.peak_flops_per_device(cfg.dtype))
     peak = peak * jax.device_count() if peak else None
     mlog = M.MetricsLog(os.path.join(args.workdir, "metrics.jsonl"), step0)
-    last_stop = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
-    progress = M.Progress(step0, args.steps, args.log_every)
+    progress = None
     consecutive_bad, rec = 0, {}
     # SIGTERM / a first Ctrl-C ask for a checkpoint at the next step boundary and a clean stop
     # (saving from inside a step could pair the state with the wrong step or batch); a second
@@ -227,6 +340,12 @@ def train(args: TrainArgs, log=print) -> dict:
             batch = next(data_iter)
             batch = {k: jax.make_array_from_process_local_data(bsh, v)
                      for k, v in batch.items() if k != "num_bytes"}
+            if progress is None:
+                log("compiling the training step...")
+                t0 = time.perf_counter()
+                step_fn = step_fn.lower(state, batch).compile()
+                log(f"compiled in {time.perf_counter() - t0:.1f}s; training steps {step0 + 1}..{last_stop}")
+                progress = M.Progress(step0, args.steps, args.log_every)
             t0 = time.perf_counter()
             state, m = step_fn(state, batch)
             m = jax.device_get(m)
@@ -258,7 +377,8 @@ def train(args: TrainArgs, log=print) -> dict:
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-        progress.close()
+        if progress is not None:
+            progress.close()
         mlog.close()
         ckpts.close()
         mesh_ctx.__exit__(None, None, None)

@@ -18,15 +18,8 @@ from flax import nnx
 
 from dsv2_jax.config import DeepseekV2Config
 from dsv2_jax.moe import balance_losses
-
-
-def cross_entropy(logits, targets, mask):
-    """Sum of -log p(target) over mask, and the mask count. logits [B,T,V] (any float)."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    m = mask.astype(jnp.float32)
-    return jnp.sum((lse - tgt) * m), jnp.sum(m)
+from dsv2_jax.sharding.rules import constrain
+from dsv2_jax.train.loss import chunked_cross_entropy, cross_entropy  # noqa: F401 (re-export)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +28,28 @@ class ModelFns:
 
     graphdef: Any
     treedef: Any  # treedef of the nnx.State of Params, for pure dict -> State
+    axes: tuple = ()  # each parameter's logical axes, in leaf order
 
     @classmethod
     def from_model(cls, model):
         graphdef, state = nnx.split(model, nnx.Param)
-        return cls(graphdef, jax.tree.structure(state))
+        variables = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        axes = tuple(tuple(v.get_metadata().get("logical_axes", (None,) * v.ndim)) for v in variables)
+        return cls(graphdef, jax.tree.structure(state), axes)
 
     def model(self, params):
         state = jax.tree.unflatten(self.treedef, jax.tree.leaves(params))
         return nnx.merge(self.graphdef, state)
+
+    def constrain(self, tree):
+        """A parameter-shaped tree (gradients, updates) laid out like the parameters under
+        the ambient mesh: gradients are then reduce-scattered onto their FSDP shards instead
+        of all-reduced whole."""
+        leaves, treedef = jax.tree.flatten(tree)
+        if not self.axes or len(leaves) != len(self.axes):
+            return tree
+        return jax.tree.unflatten(treedef, [constrain(a, ax, what="gradient")
+                                            for a, ax in zip(leaves, self.axes)])
 
 
 def params_of(model) -> dict:
@@ -52,9 +58,10 @@ def params_of(model) -> dict:
 
 def loss_and_stats(fns: ModelFns, cfg: DeepseekV2Config, params, batch, *, train: bool = True):
     model = fns.model(params)
-    logits, routers = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                            train=train, return_routers=True)
-    ce_sum, n = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    h, routers = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                     train=train)
+    ce_sum, n = chunked_cross_entropy(h, model.output_kernel(), batch["targets"], batch["loss_mask"],
+                                      cfg.ce_chunk)
     ce = ce_sum / jnp.maximum(n, 1.0)
     B = batch["inputs"].shape[0]
     zero = jnp.zeros((), jnp.float32)
@@ -83,6 +90,8 @@ def make_train_step(fns: ModelFns, cfg: DeepseekV2Config, tx: optax.GradientTran
 
     A step whose loss or gradients are not finite changes nothing but the counters.
     With grad_accum = A the batch is split into A micro-batches whose gradients are averaged.
+    Micro-batch i takes rows i, i+A, i+2A, ... so that, with the batch split over devices in
+    contiguous blocks, every device's micro-batches are rows it already holds.
     """
 
     def grads_of(params, batch):
@@ -90,14 +99,17 @@ def make_train_step(fns: ModelFns, cfg: DeepseekV2Config, tx: optax.GradientTran
             return loss_and_stats(fns, cfg, p, batch)
 
         (loss, stats), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return loss, stats, grads
+        return loss, stats, fns.constrain(grads)
 
     def step(state, batch):
         params = state["params"]
         if grad_accum == 1:
             loss, stats, grads = grads_of(params, batch)
         else:
-            micro = jax.tree.map(lambda a: a.reshape((grad_accum, -1) + a.shape[1:]), batch)
+            # [B, ...] -> [B/A, A, ...] -> [A, B/A, ...]: the sharded dimension stays sharded.
+            micro = jax.tree.map(
+                lambda a: constrain(a.reshape((-1, grad_accum) + a.shape[1:]).swapaxes(0, 1),
+                                    (None, "act_batch") + (None,) * (a.ndim - 1)), batch)
 
             def acc(carry, mb):
                 loss, stats, grads = grads_of(params, mb)

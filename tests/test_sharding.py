@@ -1,0 +1,271 @@
+"""FSDP and tensor parallelism from the rules table: equal to one device on six meshes, the
+work and memory split as the table says, state created and loaded sharded, the chunked loss,
+micro-batches that stay on their devices. Multi-device cases run in subprocesses with
+simulated CPU devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _env(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu")
+
+
+def _python(code_or_file, devices, *args, timeout=900):
+    cmd = [sys.executable] + ([code_or_file] if code_or_file.endswith(".py") else ["-c", code_or_file])
+    r = subprocess.run(cmd + list(args), env=_env(devices), capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_six_meshes_equal_one_device_and_split_the_work():
+    out = _python(os.path.join(HERE, "mesh_check.py"), 8)
+    assert "all ok" in out
+    rows = {r["mesh"]: r for r in map(json.loads, [s for s in out.splitlines() if s.startswith("{")])}
+    assert set(rows) == {"data=8", "fsdp=8", "fsdp=4,tensor=2", "tensor=8", "data=2,expert=4",
+                         "fsdp=2,expert=2,tensor=2"}
+    for r in rows.values():
+        print(r["mesh"], r["errors"])
+    total = rows["fsdp=8"]["param_bytes_total"]
+    assert rows["fsdp=8"]["param_bytes_per_device"] <= 1.05 * total / 8
+    assert rows["data=8"]["param_bytes_per_device"] == total
+    # data=8: each device's dense compute is its own batch slice.
+    assert rows["fsdp=8"]["flops_per_device"] < rows["data=8"]["flops_per_device"]
+
+
+def test_train_on_fsdp_expert_tensor_gives_the_one_device_losses(tmp_path):
+    args = ["--steps", "10", "--batch-size", "8", "--seq-len", "32", "--checkpoint-every", "5",
+            "--lr", "3e-3", "--warmup-steps", "1", "--log-every", "1000",
+            "--set", "num_hidden_layers=2", "num_device_groups=2", "max_devices_per_token=1"]
+    runs = {}
+    for name, devices, extra in (("one", 1, []), ("mesh", 8, ["--mesh", "fsdp=2,expert=2,tensor=2"]),
+                                 ("one_acc", 1, ["--grad-accum", "2"]),
+                                 ("mesh_acc", 8, ["--mesh", "fsdp=2,expert=2,tensor=2", "--grad-accum", "2"])):
+        wd = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "dsv2_jax.cli", "train", "--workdir", str(wd), *args, *extra],
+                           env=_env(devices), capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in open(wd / "metrics.jsonl")]
+    for a, b in (("one", "mesh"), ("one_acc", "mesh_acc")):
+        assert [m["step"] for m in runs[b]] == list(range(1, 11))
+        for key in ("loss", "ce", "expert_loss", "grad_norm"):
+            np.testing.assert_allclose([m[key] for m in runs[b]], [m[key] for m in runs[a]],
+                                       rtol=2e-5, err_msg=f"{b} {key}")
+
+
+_STATE_BYTES = """
+import json, jax
+from flax import nnx
+from dsv2_jax import load_config
+from dsv2_jax.checkpoint.hf import abstract_model
+from dsv2_jax.sharding.mesh import make_mesh
+from dsv2_jax.sharding.rules import optimizer_shardings, param_shardings, shard_bytes
+from dsv2_jax.train.optim import make_optimizer
+from dsv2_jax.train.step import init_state, params_of
+out = {}
+for name in ("tiny", "v2-lite", "v2"):
+    cfg = load_config(name).replace(param_dtype="float32")
+    m = abstract_model(cfg)
+    tx = make_optimizer(lambda s: 1e-3)
+    shape = jax.eval_shape(lambda p: init_state(p, tx), params_of(m))
+    for spec in ("data=8", "fsdp=8"):
+        mesh = make_mesh(spec)
+        psh = param_shardings(m, mesh)
+        osh = optimizer_shardings(tx, shape["opt_state"], psh, mesh)
+        put = lambda t, s: jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)
+        out[f"{name} {spec}"] = {"params": shard_bytes(put(shape["params"], psh)),
+                                 "opt": shard_bytes(put(shape["opt_state"], osh))}
+print(json.dumps(out))
+"""
+
+
+def test_fsdp_splits_parameters_and_adam_moments_eightfold():
+    out = json.loads(_python(_STATE_BYTES, 8).strip().splitlines()[-1])
+    for name in ("tiny", "v2-lite", "v2"):
+        rep, split = out[f"{name} data=8"], out[f"{name} fsdp=8"]
+        print(name, {k: f"{rep[k] / 1e9:.2f} GB -> {split[k] / 1e9:.2f} GB" for k in rep})
+        for k in ("params", "opt"):
+            assert split[k] <= 1.02 * rep[k] / 8, (name, k, rep[k], split[k])
+
+
+_INIT = """
+import jax
+from dsv2_jax import load_config
+from dsv2_jax.sharding.mesh import make_mesh
+from dsv2_jax.train.loop import TrainArgs, _initial_state
+from dsv2_jax.checkpoint.hf import abstract_model
+from dsv2_jax.sharding.rules import optimizer_shardings, param_shardings, shard_bytes
+from dsv2_jax.train.optim import make_optimizer
+from dsv2_jax.train.step import init_state, params_of
+cfg = load_config("tiny")
+m = abstract_model(cfg)
+tx = make_optimizer(lambda s: 1e-3)
+mesh = make_mesh("fsdp=8")
+shape = jax.eval_shape(lambda p: init_state(p, tx), params_of(m))
+psh = param_shardings(m, mesh)
+sh = {"params": psh, "opt_state": optimizer_shardings(tx, shape["opt_state"], psh, mesh),
+      "step": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), "nonfinite": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+state = _initial_state(cfg, TrainArgs(), tx, params_of(m), mesh, sh)
+for a, want in zip(jax.tree.leaves(state), jax.tree.leaves(sh)):
+    assert a.sharding.is_equivalent_to(want, a.ndim)
+# The values of a one-device init (to float32 rounding: XLA fuses the scaling of the normal
+# draws differently under jit).
+from flax import nnx
+from dsv2_jax.model import DeepseekV2ForCausalLM
+ref = params_of(DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(params=0)))
+import numpy as np
+for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+total = sum(a.nbytes for a in jax.tree.leaves(state))
+print("per device", shard_bytes(state), "total", total)
+"""
+
+
+def test_fresh_state_is_created_sharded_with_the_one_device_values():
+    out = _python(_INIT, 8)
+    per, total = (int(x) for x in out.split()[-3::2])
+    assert per <= 1.05 * total / 8
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny HF checkpoint whose every dimension divides 8, and its Orbax conversion."""
+    import hf_reference as ref
+
+    from dsv2_jax.checkpoint.convert import convert
+
+    d = tmp_path_factory.mktemp("ckpt")
+    hf = ref.save(ref.build(dict(ref.V2, vocab_size=96, kv_lora_rank=24), seed=11), str(d / "hf"))
+    ob = str(d / "orbax")
+    convert(hf, ob, "orbax", progress=False)
+    return hf, ob
+
+
+def test_sharded_loading_equals_one_device_and_reads_only_shards(checkpoints):
+    hf, ob = checkpoints
+    out = _python(os.path.join(HERE, "sharded_load_check.py"), 8, hf, ob)
+    print(out)
+    assert "all ok" in out
+
+
+_MICRO = """
+import re, jax, jax.numpy as jnp, numpy as np, optax
+from dsv2_jax import init_model, load_config
+from dsv2_jax.sharding.mesh import batch_sharding, make_mesh
+from dsv2_jax.sharding.rules import param_shardings
+from dsv2_jax.train.optim import lr_schedule
+from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
+cfg = load_config("tiny", num_hidden_layers=2)
+model = init_model(cfg)
+fns, params = ModelFns.from_model(model), params_of(model)
+mesh = make_mesh("data=4")
+tx = optax.sgd(1e-3)
+B, T = 8, 16
+batch = {k: jnp.ones((B, T), jnp.int32) for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+batch = jax.device_put(batch, batch_sharding(mesh))
+state = jax.device_put(init_state(params, tx), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+with jax.set_mesh(mesh):
+    hlo = jax.jit(make_train_step(fns, cfg, tx, lambda s: 1e-3, 2)).lower(state, batch).compile().as_text()
+# Each device holds 2 rows; each of its 2 micro-batches is 1 of them: no batch array moves.
+moved = [l for l in hlo.splitlines() if re.search(r"s32\\[[0-9,]*\\][^=]*= .*(all-gather|all-to-all|collective-permute|all-reduce)\\(", l)]
+assert not moved, moved[:3]
+assert re.search(r"s32\\[1,16\\]", hlo), "per-device micro-batch shape [1,16] not found"
+print("ok")
+"""
+
+
+def test_grad_accum_keeps_each_devices_micro_batches_its_own():
+    assert "ok" in _python(_MICRO, 4)
+
+
+def test_chunked_cross_entropy_equals_the_plain_one_and_its_gradient():
+    from dsv2_jax.train.loss import chunked_cross_entropy, cross_entropy
+
+    rng = np.random.default_rng(0)
+    B, T, D, V = 3, 37, 16, 101
+    h = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((D, V)) * 0.3, jnp.float32)
+    tgt = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    mask = jnp.asarray(rng.random((B, T)) > 0.2, jnp.int32)
+
+    def plain(h, w):
+        return cross_entropy(jnp.einsum("btd,dv->btv", h, w), tgt, mask)[0]
+
+    want, gwant = jax.value_and_grad(plain, argnums=(0, 1))(h, w)
+    for chunk in (0, 5, 8, 37, 64):
+        got, ggot = jax.value_and_grad(lambda h, w: chunked_cross_entropy(h, w, tgt, mask, chunk)[0],
+                                       argnums=(0, 1))(h, w)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        for a, b in zip(ggot, gwant):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert float(chunked_cross_entropy(h, w, tgt, mask, 8)[1]) == float(mask.sum())
+
+
+def test_chunked_loss_never_holds_the_full_logits():
+    """A step's compiled temporaries at vocab 102,400: the chunked loss needs a fraction of
+    the plain one (which holds the [tokens, vocab] float32 logits and their gradient)."""
+    from dsv2_jax import load_config
+    from dsv2_jax.checkpoint.hf import abstract_model
+    from dsv2_jax.train.optim import make_optimizer
+    from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
+
+    temps = {}
+    B, T = 2, 1024
+    for chunk in (0, 128):
+        cfg = load_config("tiny").replace(vocab_size=102400, num_hidden_layers=1, ce_chunk=chunk)
+        m = abstract_model(cfg)
+        fns, tx = ModelFns.from_model(m), make_optimizer(lambda s: 1e-3)
+        state = jax.eval_shape(lambda p: init_state(p, tx), params_of(m))
+        batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32)
+                 for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+        c = jax.jit(make_train_step(fns, cfg, tx, lambda s: 1e-3)).lower(state, batch).compile()
+        temps[chunk] = c.memory_analysis().temp_size_in_bytes
+    logits_bytes = B * T * 102400 * 4
+    print({k: f"{v / 1e6:.0f} MB" for k, v in temps.items()}, f"logits {logits_bytes / 1e6:.0f} MB")
+    assert temps[0] >= logits_bytes
+    assert temps[128] < temps[0] / 3
+
+
+def test_a_dimension_the_mesh_does_not_divide_is_refused_naming_the_parameter():
+    code = """
+from dsv2_jax import load_config
+from dsv2_jax.checkpoint.hf import abstract_model
+from dsv2_jax.sharding.mesh import make_mesh
+from dsv2_jax.sharding.rules import ShardingError, param_shardings
+try:
+    param_shardings(abstract_model(load_config("tiny").replace(intermediate_size=383)), make_mesh("data=4,tensor=2"))
+except ShardingError as e:
+    print("refused:", e)
+try:
+    param_shardings(abstract_model(load_config("tiny")), make_mesh("tensor=8"))
+except ShardingError as e:
+    print("refused:", e)
+"""
+    out = _python(code, 8)
+    lines = [s for s in out.splitlines() if s.startswith("refused:")]
+    assert len(lines) == 2, out
+    assert "layers.mlp." in lines[0] and "383" in lines[0] and "tensor=2" in lines[0]
+    assert "heads 4" in lines[1] and "tensor=8" in lines[1]
+
+
+def test_mesh_specs():
+    from dsv2_jax.sharding.mesh import parse_mesh
+
+    assert parse_mesh("fsdp=-1,tensor=2", 8) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    assert parse_mesh(None, 8)["data"] == 8
+    for bad, msg in (("data=-1,fsdp=-1", "only one axis"), ("data=3", "has 3 devices"),
+                     ("fsdp=3,data=-1", "does not divide"), ("pipe=2", "unknown axis")):
+        with pytest.raises(ValueError, match=msg):
+            parse_mesh(bad, 8)
