@@ -2,7 +2,10 @@
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("info", help="print a config's shape and parameter counts")
+    from dsv2_jax.cli import HelpFormatter
+
+    p = sub.add_parser("info", help="print a config's shape and parameter counts",
+                       formatter_class=HelpFormatter)
     p.add_argument("config", help="preset (tiny, v2-lite, v2) or config.json path")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     p.set_defaults(func=run)
@@ -10,12 +13,12 @@ def add_cli(sub) -> None:
 
 def run(args) -> int:
     from dsv2_jax.config import load_config
-    from dsv2_jax.params import count_params
+    from dsv2_jax.params import count_params, human_count
 
     cfg = load_config(args.config).with_overrides(args.set)
     total, active = count_params(cfg)
     print(f"{args.config}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})")
-    print(f"total parameters:  {total:,} ({total / 1e9:.2f}B)")
-    print(f"active per token:  {active:,} ({active / 1e9:.2f}B, input embedding excluded)")
+    print(f"total parameters:  {total:,} ({human_count(total)})")
+    print(f"active per token:  {active:,} ({human_count(active)}, input embedding excluded)")
     return 0

@@ -470,8 +470,11 @@ def parse_size(s: str) -> int:
 def add_cli(sub) -> None:
     import argparse
 
+    from dsv2_jax.cli import HelpFormatter
+
     p = sub.add_parser(
         "convert", help="convert checkpoints between HF safetensors and Orbax (streaming)",
+        formatter_class=HelpFormatter,
         description="Convert a DeepSeek-V2 checkpoint: HF safetensors directory -> dsv2_jax Orbax "
                     "checkpoint (--to orbax) or back (--to hf). Streams tensor by tensor; exact "
                     "unless --dtype asks for a cast. FP8 checkpoints (block-wise "

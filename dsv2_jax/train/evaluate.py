@@ -20,19 +20,24 @@ def load_for_eval(path: str):
 
 
 def evaluate(model_path: str, data: str, *, batch_size: int = 8, seq_len: int = 256,
-             max_batches: int | None = None) -> dict:
+             max_batches: int | None = None, progress: bool = True) -> dict:
     from dsv2_jax.train.data import make_eval_iter
 
     cfg, params, fns = load_for_eval(model_path)
     step = jax.jit(make_eval_step(fns, cfg))
     ce_sum, tokens, nbytes = 0.0, 0.0, 0
-    for batch in make_eval_iter(data, seq_len=seq_len, batch_size=batch_size,
-                                max_batches=max_batches, vocab_size=cfg.vocab_size):
-        nb = int(batch["num_bytes"].sum())
-        s, n = step(params, {k: jnp.asarray(v) for k, v in batch.items() if k != "num_bytes"})
-        ce_sum += float(s)
-        tokens += float(n)
-        nbytes += nb
+    bar = _EvalProgress(max_batches, enabled=progress)
+    try:
+        for batch in make_eval_iter(data, seq_len=seq_len, batch_size=batch_size,
+                                    max_batches=max_batches, vocab_size=cfg.vocab_size):
+            nb = int(batch["num_bytes"].sum())
+            s, n = step(params, {k: jnp.asarray(v) for k, v in batch.items() if k != "num_bytes"})
+            ce_sum += float(s)
+            tokens += float(n)
+            nbytes += nb
+            bar.update(ce_sum / max(tokens, 1.0))
+    finally:
+        bar.close()
     if tokens == 0:
         raise ValueError(f"--data {data!r}: no evaluation tokens")
     loss = ce_sum / tokens
@@ -40,3 +45,32 @@ def evaluate(model_path: str, data: str, *, batch_size: int = 8, seq_len: int = 
     bpb = ce_sum / (math.log(2) * nbytes) if nbytes else None
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bpb,
             "tokens": int(tokens), "bytes": nbytes}
+
+
+class _EvalProgress:
+    """Progress over the evaluation batches, on stderr: a tqdm bar on a terminal, a line every
+    10 batches otherwise (the number of batches is known only with --max-batches)."""
+
+    def __init__(self, total: int | None, enabled: bool = True):
+        import sys
+
+        self.enabled, self.n, self.tty = enabled, 0, sys.stderr.isatty()
+        self.bar = None
+        if enabled and self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="batch", desc="eval", dynamic_ncols=True)
+
+    def update(self, loss: float) -> None:
+        import sys
+
+        self.n += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            self.bar.update(1)
+        elif self.enabled and (self.n == 1 or self.n % 10 == 0):
+            print(f"eval: {self.n} batches, running loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
