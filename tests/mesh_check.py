@@ -64,6 +64,8 @@ def main():
     (l1, s1), g1 = g(params, data)
     logits1 = logits_fn(params, data)
     total_param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
+    one_cost = g.lower(params, data).compile().cost_analysis()
+    one_flops = float((one_cost[0] if isinstance(one_cost, list) else one_cost)["flops"])
     for spec in MESHES:
         mesh = make_mesh(spec)
         psh = param_shardings(model, mesh)
@@ -103,6 +105,7 @@ def main():
         print(json.dumps({"mesh": spec, "errors": err, "param_bytes_per_device": per_dev,
                           "param_bytes_total": total_param_bytes,
                           "flops_per_device": cost.get("flops") if cost else None,
+                          "flops_one_device": one_flops,
                           "temp_bytes": getattr(mem, "temp_size_in_bytes", None)}), flush=True)
     print("all ok")
 

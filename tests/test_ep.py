@@ -50,16 +50,6 @@ def test_ep_moe_layer_matches_one_device():
     assert "all ok" in r.stdout
 
 
-@pytest.mark.parametrize("extra,msg", [
-    (["--set", "num_hidden_layers=2", "num_device_groups=2", "capacity_factor=1.0"],
-     "not supported with expert parallelism"),
-])
-def test_ep_refusals_in_one_line(tmp_path, extra, msg):
-    r = _run(tmp_path / "x", 2, [*extra, "--mesh", "expert=2"])
-    assert r.returncode == 1
-    assert msg in r.stderr and "Traceback" not in r.stderr
-
-
 def test_routed_experts_split_by_expert_everything_else_stored_over_it():
     code = """
 import jax

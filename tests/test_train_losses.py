@@ -89,30 +89,36 @@ def test_balance_losses_are_one_when_perfectly_balanced():
     assert math.isclose(float(got["device"]), 1.0, rel_tol=1e-6)
 
 
-def test_token_dropping_drops_lowest_affinity_and_spares_protected():
+def test_token_dropping_drops_lowest_affinity_rows_and_spares_protected():
+    """A row is one token sent to one device group (all its experts there); each group takes
+    `capacity` rows; over it the rows with the lowest summed score on that group go."""
     rng = np.random.default_rng(3)
     T, K, E, G = 40, 2, 8, 4
-    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)])
-    idx[:20] = [0, 1]  # overload group 0 (experts 0, 1)
-    aff = rng.uniform(0.05, 0.95, size=(T, K)).astype(np.float32)
+    logits = rng.normal(size=(T, E)).astype(np.float32)
+    logits[:20, :2] += 4.0  # overload group 0 (experts 0, 1)
+    scores = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    idx = np.argsort(-scores, axis=1)[:, :K]
     protected = np.zeros(T, bool)
     protected[:4] = True
-    cf = 1.0
-    keep = np.asarray(capacity_keep(jnp.asarray(idx), jnp.asarray(aff), jnp.asarray(protected), E, G, cf))
-    cap = math.ceil(cf * T * K / G)
+    valid = np.ones(T, bool)
+    cap = math.ceil(1.0 * T * K / G)
+    keep, rows = capacity_keep(jnp.asarray(idx, jnp.int32), jnp.asarray(scores), jnp.asarray(valid),
+                               jnp.asarray(protected), E, G, cap)
+    keep, rows = np.asarray(keep), np.asarray(rows)
     group = idx // (E // G)
     for g in range(G):
-        sel = group == g
-        n = sel.sum()
-        kept = keep & sel
-        prot = sel & protected[:, None]
-        assert prot[prot].all() and keep[prot].all()  # protected assignments never dropped
-        assert kept.sum() == max(min(n, cap), prot.sum())
-        if n > cap:
-            # every dropped unprotected assignment has lower affinity than every kept unprotected one
-            dropped = sel & ~keep
-            kept_unprot = kept & ~prot
+        sent = (group == g).any(axis=1)  # tokens with a row to g
+        aff = np.where(group == g, np.take_along_axis(scores, idx, 1), 0).sum(axis=1)
+        kept = sent & (keep & (group == g)).any(axis=1)
+        # all of a token's experts in g share the row's fate
+        assert ((keep & (group == g)).any(1) == ((keep | (group != g)).all(1) & sent)).all()
+        assert kept[sent & protected].all()  # protected rows are never dropped
+        assert kept.sum() == max(min(sent.sum(), cap), (sent & protected).sum())
+        if sent.sum() > cap:
+            dropped = sent & ~kept
+            kept_unprot = kept & ~protected
             assert aff[dropped].max() <= aff[kept_unprot].min()
+    assert (rows == [len(set(r[keep[i]] // (E // G))) for i, r in enumerate(idx)]).all()
     assert keep.sum() < T * K  # something was dropped
 
 
@@ -217,8 +223,9 @@ def test_padding_tokens_count_nowhere():
     got, want = balance_losses(r_pad, cfg, 1), balance_losses(r_real, cfg, 1)
     for k in ("expert", "device", "comm"):
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-6, err_msg=k)
-    keep = np.asarray(capacity_keep(jnp.asarray(idx), jnp.asarray(np.take_along_axis(scores, idx, 1)),
-                                    jnp.zeros(S, bool), E, D, 10.0, valid=jnp.asarray(valid)))
+    keep, _ = capacity_keep(jnp.asarray(idx), jnp.asarray(scores), jnp.asarray(valid),
+                            jnp.zeros(S, bool), E, D, 100)
+    keep = np.asarray(keep)
     assert keep[:real].all() and not keep[real:].any()
     from flax import nnx
 

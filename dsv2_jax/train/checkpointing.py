@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import grain
 import jax
@@ -29,6 +30,27 @@ def checkpoint_steps(directory: str) -> list[int]:
         return []
     return sorted(int(s) for s in os.listdir(directory)
                   if s.isdigit() and os.path.isdir(os.path.join(directory, s)))
+
+
+def _quiet_orphaned_reads() -> None:
+    """After a failed restore, Orbax has already closed the asyncio loop of that restore
+    while tensorstore still completes the reads it had in flight; each completion then tries
+    to schedule a callback on the closed loop and Python prints 'Exception ignored ...
+    RuntimeError: Event loop is closed' (once per array). The restore's failure is reported
+    by us; these echoes of it are dropped, every other unraisable exception still goes to
+    the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_dsv2_quiet", False):
+        return
+
+    def hook(u):
+        if (u.object is None and isinstance(u.exc_value, RuntimeError)
+                and str(u.exc_value) == "Event loop is closed"):
+            return
+        previous(u)
+
+    hook._dsv2_quiet = True
+    sys.unraisablehook = hook
 
 
 def _is_structure_mismatch(e: Exception) -> bool:
@@ -76,6 +98,7 @@ class TrainCheckpoints:
             except MemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 - judged below
+                _quiet_orphaned_reads()
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 if _is_structure_mismatch(e):
                     # The files are fine; the run asks for a differently shaped state.

@@ -151,9 +151,6 @@ def expert_parallel_config(cfg: DeepseekV2Config, ep: int, log=print) -> Deepsee
     one line. The config saved in the workdir stays the one given."""
     if ep == 1 or not cfg.n_routed_experts:
         return cfg
-    if cfg.capacity_factor is not None:
-        raise TrainingError("token dropping (capacity_factor) is not supported with expert "
-                            "parallelism yet: use --set capacity_factor=null or no expert axis")
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     if E % ep:
         raise TrainingError(f"--mesh expert={ep}: n_routed_experts={E} is not divisible by {ep}")

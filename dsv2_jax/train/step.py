@@ -66,12 +66,16 @@ def loss_and_stats(fns: ModelFns, cfg: DeepseekV2Config, params, batch, *, train
     B = batch["inputs"].shape[0]
     zero = jnp.zeros((), jnp.float32)
     aux = {"expert": zero, "device": zero, "comm": zero}
-    counts, dropped = [], []
+    counts, dropped, rows, rows_max = [], [], [], []
     for r in routers:  # one stacked RouterOutput per MoE segment, leading axis = layer
         per_layer = jax.vmap(lambda rr: balance_losses(rr, cfg, B))(r)
         aux = {k: aux[k] + jnp.sum(per_layer[k]) for k in aux}
         counts.append(r.expert_counts)
-        dropped.append((~r.keep).astype(jnp.float32).mean(axis=(1, 2)))
+        real = r.valid.astype(jnp.float32)  # [L, T]
+        kept = (r.keep & r.valid[..., None]).astype(jnp.float32)
+        dropped.append(1.0 - kept.sum(axis=(1, 2)) / jnp.maximum(real.sum(axis=1) * r.keep.shape[-1], 1.0))
+        rows.append((r.rows * real).sum(axis=1) / jnp.maximum(real.sum(axis=1), 1.0))
+        rows_max.append(r.rows.max(axis=1))
     total = (ce + cfg.aux_loss_alpha * aux["expert"] + cfg.device_aux_loss_alpha * aux["device"]
              + cfg.comm_aux_loss_alpha * aux["comm"])
     stats = {"ce": ce, "ce_sum": ce_sum, "tokens": n, "expert_loss": aux["expert"],
@@ -81,6 +85,9 @@ def loss_and_stats(fns: ModelFns, cfg: DeepseekV2Config, params, batch, *, train
         stats["load_max_over_mean"] = jnp.mean(jnp.max(c, -1) / jnp.maximum(jnp.mean(c, -1), 1e-9))
         stats["load_min_over_mean"] = jnp.mean(jnp.min(c, -1) / jnp.maximum(jnp.mean(c, -1), 1e-9))
         stats["dropped_fraction"] = jnp.mean(jnp.concatenate(dropped))
+        # Device rows each real token was dispatched as (after dropping): the traffic.
+        stats["rows_per_token"] = jnp.mean(jnp.concatenate(rows))
+        stats["rows_per_token_max"] = jnp.max(jnp.concatenate(rows_max)).astype(jnp.float32)
     return total, stats
 
 
