@@ -23,10 +23,12 @@ def normal_param(rngs: nnx.Rngs, shape, std: float, dtype, axes: tuple) -> nnx.P
     return nnx.Param(value, logical_axes=axes)
 
 
-def use(param: nnx.Param):
-    """A parameter's value as the computation uses it: gathered over the mesh axes that
-    split it for storage only (FSDP); unchanged on one device."""
-    return gathered(param[...], param.get_metadata().get("logical_axes", ()))
+def use(param: nnx.Param, dtype=None):
+    """A parameter's value as the computation uses it, in `dtype` (default: as stored):
+    gathered over the mesh axes that split it for storage only (FSDP); unchanged on one
+    device. Cast first, so that bf16 compute gathers bf16 weights."""
+    value = param[...] if dtype is None else param[...].astype(dtype)
+    return gathered(value, param.get_metadata().get("logical_axes", ()))
 
 
 class RMSNorm(nnx.Module):
@@ -49,7 +51,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        return jnp.einsum("...i,io->...o", x.astype(self.dtype), use(self.kernel).astype(self.dtype))
+        return jnp.einsum("...i,io->...o", x.astype(self.dtype), use(self.kernel, self.dtype))
 
 
 class MLP(nnx.Module):
@@ -72,8 +74,8 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids):
-        return jnp.take(use(self.weight), ids, axis=0).astype(self.dtype)
+        return jnp.take(use(self.weight, self.dtype), ids, axis=0)
 
     def attend(self, x):
         """Tied unembedding: x [..., D] -> logits [..., V]."""
-        return jnp.einsum("...d,vd->...v", x, use(self.weight).astype(self.dtype))
+        return jnp.einsum("...d,vd->...v", x, use(self.weight, self.dtype))

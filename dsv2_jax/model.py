@@ -132,8 +132,8 @@ class DeepseekV2ForCausalLM(nnx.Module):
         """The unembedding as [D, V] in the compute dtype (lm_head, or the tied embedding
         transposed): what a chunked loss multiplies the hidden states with."""
         if self.cfg.tie_word_embeddings:
-            return use(self.embed_tokens.weight).astype(self.embed_tokens.dtype).T
-        return use(self.lm_head.kernel).astype(self.lm_head.dtype)
+            return use(self.embed_tokens.weight, self.embed_tokens.dtype).T
+        return use(self.lm_head.kernel, self.lm_head.dtype)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, train: bool = False,
                  return_routers: bool = False):

@@ -44,7 +44,8 @@ def _abstract_state(cfg, mesh, master_dtype="float32"):
     return cfg, ModelFns.from_model(m), tx, state, sh
 
 
-def compile_step(cfg, mesh_spec: str | None, batch_size: int, seq_len: int, grad_accum: int = 1):
+def compile_step(cfg, mesh_spec: str | None, batch_size: int, seq_len: int, grad_accum: int = 1,
+                 master_dtype: str = "float32"):
     """Compiles one train step from abstract shapes; returns the figures."""
     import jax
     import jax.numpy as jnp
@@ -53,7 +54,7 @@ def compile_step(cfg, mesh_spec: str | None, batch_size: int, seq_len: int, grad
     from dsv2_jax.train.step import make_train_step
 
     mesh = make_mesh(mesh_spec) if mesh_spec else None
-    cfg, fns, tx, state, sh = _abstract_state(cfg, mesh)
+    cfg, fns, tx, state, sh = _abstract_state(cfg, mesh, master_dtype)
     bsh = batch_sharding(mesh) if mesh else None
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=bsh)
              for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
@@ -114,8 +115,8 @@ def cmd_step(a):
     from dsv2_jax import load_config
 
     cfg = load_config(a.config).with_overrides(a.set)
-    out = compile_step(cfg, a.mesh, a.batch, a.seq_len, a.grad_accum)
-    out.update(config=a.config, set=a.set, dtype=cfg.dtype, remat=cfg.remat)
+    out = compile_step(cfg, a.mesh, a.batch, a.seq_len, a.grad_accum, a.master_dtype)
+    out.update(config=a.config, set=a.set, dtype=cfg.dtype, remat=cfg.remat, master_dtype=a.master_dtype)
     print(json.dumps(out), flush=True)
     return 0
 
@@ -135,6 +136,7 @@ def main(argv=None):
     st.add_argument("--batch", type=int, default=64)
     st.add_argument("--seq-len", type=int, default=512)
     st.add_argument("--grad-accum", type=int, default=1)
+    st.add_argument("--master-dtype", default="float32", choices=["float32", "bfloat16"])
     st.add_argument("--set", nargs="*", default=["dtype=bfloat16", "remat=full"])
     a = ap.parse_args(argv)
     return {"state": cmd_state, "loss": cmd_loss, "step": cmd_step}[a.cmd](a) or 0

@@ -215,10 +215,12 @@ def param_shardings(abstract_model, mesh: Mesh, rules=None) -> dict:
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def optimizer_shardings(tx: optax.GradientTransformation, opt_state_shape, params_sh, mesh: Mesh):
+def optimizer_shardings(tx, opt_state_shape, params_sh, mesh: Mesh):
     """Optimizer state shardings: the parameter-shaped parts (Adam moments) follow their
     parameters; everything else (counts) is replicated."""
     rep = NamedSharding(mesh, P())
+    if hasattr(tx, "state_shardings"):
+        return tx.state_shardings(params_sh, rep)
     return optax.tree_map_params(tx, lambda _, sh: sh, opt_state_shape, params_sh,
                                  transform_non_params=lambda _: rep)
 

@@ -213,13 +213,19 @@ def test_set_applies_on_top_of_init_from(tmp_path):
     assert all(r["dropped_fraction"] > 0 for r in recs)
 
 
-def test_a_differently_shaped_state_is_refused_not_quarantined(tmp_path):
+def test_a_differently_shaped_state_is_refused_not_quarantined(tmp_path, monkeypatch):
+    """A workdir whose checkpoints hold another optimizer-state layout (here: the optax chain
+    that earlier versions saved) is refused with a message, not treated as damaged."""
     from dsv2_jax.errors import UserError
+    from dsv2_jax.train import loop as loop_mod
+    from dsv2_jax.train.optim import make_optax_optimizer
 
     wd = str(tmp_path / "run")
-    train(TrainArgs(workdir=wd, steps=2, checkpoint_every=2, **SMALL))
+    with monkeypatch.context() as m:
+        m.setattr(loop_mod, "make_optimizer", make_optax_optimizer)
+        train(TrainArgs(workdir=wd, steps=2, checkpoint_every=2, **SMALL))
     with pytest.raises(UserError, match="another shape"):
-        train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **dict(SMALL), clip=0.0))
+        train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **SMALL))
     assert not os.path.exists(os.path.join(wd, "damaged"))
     assert _steps(wd) == [2]
 

@@ -13,6 +13,7 @@ Shapes: M rows, D hidden, F expert width, E experts, T tokens, K experts per tok
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -50,9 +51,19 @@ def _block_size(rows: int, n_experts: int) -> int:
     return int(min(128, max(8, 2 ** int(math.log2(mean_group)))))
 
 
+# Above this many bytes of per-block weight copies ([blocks, D, F]), the blocked backend
+# runs block by block instead of as one batched einsum.
+_GATHER_LIMIT_BYTES = 64 << 20
+
+
 class _Blocked:
     """Rows [M, D] sorted by expert -> blocks [nb, b, D], each block one expert's. Rows past
-    sum(group_sizes) (dropped assignments) go to a scratch row and come back as zeros."""
+    sum(group_sizes) (dropped assignments) go to a scratch row and come back as zeros.
+
+    Small problems multiply all blocks at once against their experts' weights gathered per
+    block ([nb, D, F]); large ones (at V2's shape those copies would be gigabytes) scan over
+    the blocks, indexing each block's expert in place and skipping blocks past the last
+    row (the worst-case buffers of expert-parallel dropless dispatch are mostly empty)."""
 
     def __init__(self, group_sizes, rows: int, n_experts: int, block: int | None = None):
         b = block or _block_size(rows, n_experts)
@@ -70,13 +81,30 @@ class _Blocked:
         self.block_expert = jnp.minimum(
             jnp.searchsorted(jnp.cumsum(padded), block_start, side="right"), n_experts - 1)
         self.b, self.nb = b, nb
+        self.used = block_start < jnp.sum(padded)
 
     def scatter(self, xs):
         xp = jnp.zeros((self.nb * self.b + 1, xs.shape[-1]), xs.dtype).at[self.dest].set(xs)
         return xp[:-1].reshape(self.nb, self.b, xs.shape[-1])
 
     def matmul(self, x, w):
-        return jnp.einsum("nbd,ndf->nbf", x, w.astype(x.dtype)[self.block_expert])
+        w = w.astype(x.dtype)
+        if self.nb * w.shape[1] * w.shape[2] * w.dtype.itemsize <= _GATHER_LIMIT_BYTES:
+            return jnp.einsum("nbd,ndf->nbf", x, w[self.block_expert])
+
+        # Rematerialised: otherwise autodiff keeps every block's slice of the weights as a
+        # residual, the [nb, D, F] copy this path exists to avoid.
+        @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+        def block(_, args):
+            xb, e, used = args
+            # The empty branch is built from both operands so that, inside shard_map, it
+            # varies over the same mesh axes as the product.
+            y = jax.lax.cond(used, lambda: xb @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False),
+                             lambda: (xb[:, :1] * 0) @ (w[0, :1] * 0))
+            return None, y
+
+        _, y = jax.lax.scan(block, None, (x, self.block_expert, self.used))
+        return y
 
     def gather(self, y):
         flat = y.reshape(self.nb * self.b, y.shape[-1])

@@ -4,7 +4,11 @@ gradient clipping at 1.0)."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -37,7 +41,71 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(schedule, *, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip=1.0):
+@dataclasses.dataclass(frozen=True)
+class AdamW:
+    """AdamW with global-norm clipping and the skip of non-finite steps, as ONE elementwise
+    update per parameter.
+
+    The same arithmetic as optax's clip_by_global_norm + adamw (tested equal), but where the
+    optax chain materialises a clipped-gradient tree and an update tree before touching the
+    parameters, this reads (p, g, m, v) once and writes (p, m, v) in place: at V2's shape on
+    64 devices that is ~7 GB less per device.
+
+    State: {"mu", "nu"} shaped like the parameters (their dtype), "count" the updates applied.
+    """
+
+    schedule: Callable
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0
+
+    def init(self, params) -> dict:
+        return {"mu": jax.tree.map(jnp.zeros_like, params), "nu": jax.tree.map(jnp.zeros_like, params),
+                "count": jnp.zeros((), jnp.int32)}
+
+    def state_shardings(self, params_sh, replicated) -> dict:
+        return {"mu": params_sh, "nu": params_sh, "count": replicated}
+
+    def learning_rate(self, state):
+        return self.schedule(state["count"])
+
+    def apply(self, params, grads, state, grad_norm, apply):
+        """(new params, new state): one AdamW step from grads whose global norm is grad_norm,
+        or nothing at all where `apply` (a traced bool) is False."""
+        b1, b2 = self.b1, self.b2
+        count = state["count"] + 1
+        lr = self.schedule(state["count"])
+        bc1 = 1 - b1 ** count.astype(jnp.float32)
+        bc2 = 1 - b2 ** count.astype(jnp.float32)
+        clipping = bool(self.clip and self.clip > 0)
+
+        def leaf(p, g, m, v, decay):
+            g = g.astype(m.dtype)
+            if clipping:
+                g = jnp.where(grad_norm < self.clip, g, (g / grad_norm.astype(g.dtype)) * self.clip)
+            m2 = b1 * m + (1 - b1) * g
+            v2 = b2 * v + (1 - b2) * g * g
+            u = (m2 / bc1.astype(m.dtype)) / (jnp.sqrt(v2 / bc2.astype(v.dtype)) + self.eps)
+            if decay and self.weight_decay:
+                u = u + self.weight_decay * p
+            p2 = (p + (-lr * u)).astype(p.dtype)
+            return jnp.where(apply, p2, p), jnp.where(apply, m2, m), jnp.where(apply, v2, v)
+
+        out = jax.tree.map(leaf, params, grads, state["mu"], state["nu"], decay_mask(params))
+        is_out = lambda x: isinstance(x, tuple) and len(x) == 3 and not isinstance(x[0], tuple)
+        pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=is_out)
+        new_state = {"mu": pick(1), "nu": pick(2), "count": jnp.where(apply, count, state["count"])}
+        return pick(0), new_state
+
+
+def make_optimizer(schedule, *, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip=1.0) -> AdamW:
+    return AdamW(schedule, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps, clip=clip)
+
+
+def make_optax_optimizer(schedule, *, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip=1.0):
+    """The same optimizer as an optax chain (the reference `AdamW` is tested against)."""
     parts = []
     if clip and clip > 0:
         parts.append(optax.clip_by_global_norm(clip))

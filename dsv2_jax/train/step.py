@@ -130,17 +130,21 @@ def make_train_step(fns: ModelFns, cfg: DeepseekV2Config, tx: optax.GradientTran
             stats["tokens"] = stats["tokens"] * grad_accum
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        if hasattr(tx, "apply"):  # the fused AdamW (train/optim.py): one pass, in place
+            new_params, new_opt = tx.apply(params, grads, state["opt_state"], grad_norm, finite)
+        else:  # any optax transformation
+            updates, new_opt = tx.update(grads, state["opt_state"], params)
+            new_params = optax.apply_updates(params, updates)
+            pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            new_params, new_opt = pick(new_params, params), pick(new_opt, state["opt_state"])
         new_state = {
-            "params": pick(new_params, params),
-            "opt_state": pick(new_opt, state["opt_state"]),
+            "params": new_params,
+            "opt_state": new_opt,
             "step": state["step"] + 1,
             "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
         }
-        # Skipped (non-finite) steps do not advance optax's count: the rate of this step is
-        # that of the updates applied so far.
+        # Skipped (non-finite) steps do not advance the optimizer's count: the rate of this
+        # step is that of the updates applied so far.
         metrics = dict(stats, loss=loss, grad_norm=grad_norm,
                        lr=schedule(state["step"] - state["nonfinite"]), finite=finite,
                        nonfinite_total=new_state["nonfinite"])
