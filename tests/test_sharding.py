@@ -270,3 +270,15 @@ def test_mesh_specs():
                      ("fsdp=3,data=-1", "does not divide"), ("pipe=2", "unknown axis")):
         with pytest.raises(ValueError, match=msg):
             parse_mesh(bad, 8)
+
+
+def test_sharded_loading_holds_one_block_at_a_time():
+    """Peak RSS of a sharded load, above the libraries and the loaded parameters (which live
+    in host memory on CPU devices), stays under a few times the largest tensor."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "load_memory_bench.py"),
+                        "--gb", "0.2", "--workdir", "/tmp/dsv2_load_bench_test"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    print(out)
+    assert out["over_largest_tensor"] < 4, out

@@ -205,8 +205,27 @@ def load_sharded(cfg: DeepseekV2Config, src: SafetensorsDir, abstract_state, sha
                 progress(".".join(map(str, path)), buf.nbytes)
             return buf
 
-        out[path] = jax.make_array_from_callback(shape, shardings[path], block)
+        out[path] = _place(shape, shardings[path], block)
     return out
+
+
+def _place(shape, sharding, block):
+    """A global array built one device at a time: each addressable device's block is read,
+    copied to its device and dropped before the next is read, so the host holds one block
+    (the Python-side buffers of `make_array_from_callback` would hold every block of the
+    array at once). Devices that hold the same block (replicas) share one read."""
+    import jax
+
+    index_map = sharding.addressable_devices_indices_map(shape)
+    arrays, done = [], {}
+    for device, index in index_map.items():
+        key = tuple((sl.start, sl.stop) for sl in _normalise(index, shape))
+        if key not in done:
+            done.clear()  # keep at most one block alive
+            done[key] = block(index)
+        arrays.append(jax.device_put(done[key], device))
+    done.clear()
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def from_pretrained(path, dtype=None, compute_dtype=None, mesh=None, rules=None,
