@@ -2,8 +2,11 @@
 data iterator, with fallback past damaged steps.
 
 Orbax itself never treats a committed-but-damaged step as bad: restoring it raises. Here the
-newest step that restores cleanly wins; damaged ones are moved to `damaged/` in the workdir
-(kept for inspection) and reported.
+newest step that restores cleanly wins. A step is moved to `damaged/` in the workdir (kept
+for inspection, by process 0 only) when its failure says the files are damaged: missing,
+truncated or undecodable (`is_damage`). Any other failure (out of memory, a storage blip, a
+mesh that does not fit the arrays) stops the run with its cause and leaves the checkpoint
+where it is.
 """
 
 from __future__ import annotations
@@ -21,6 +24,33 @@ from dsv2_jax.errors import UserError
 
 class CheckpointMismatch(UserError, RuntimeError):
     """No checkpoint of the workdir can be restored into this run; the message says why."""
+
+
+class RestoreFailed(UserError, RuntimeError):
+    """A checkpoint could not be restored for a reason other than damaged files; it is left
+    in place."""
+
+
+# What tensorstore / Orbax / the OS say about files that are missing, cut short or not
+# decodable. Checked against truncated array files, deleted data and manifest files and
+# corrupted metadata (tests/test_multihost.py).
+_DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "No such file", "not found",
+                   "truncat", "corrupt", "Error decoding", "Failed to decode", "Unexpected end",
+                   "JSONDecodeError", "Expecting value", "Expecting property name",
+                   "checksum", "Unterminated string")
+
+
+def is_damage(e: BaseException) -> bool:
+    """True when a restore failed because the checkpoint's files are damaged (missing,
+    truncated, undecodable), as opposed to a transient or environmental failure."""
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True
+    if isinstance(e, (MemoryError, PermissionError, TimeoutError, ConnectionError)):
+        return False
+    if type(e) is OSError:  # EIO and friends: the storage, not the files, may be at fault
+        return False
+    text = f"{type(e).__name__}: {e}"
+    return any(m in text for m in _DAMAGE_MARKERS)
 
 
 def checkpoint_steps(directory: str) -> list[int]:
@@ -59,9 +89,10 @@ def _is_structure_mismatch(e: Exception) -> bool:
 
 
 class TrainCheckpoints:
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, log=print):
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, log=print,
+                 primary: bool = True):
         self.directory = os.path.abspath(directory)
-        self.keep, self.async_save, self.log = keep, async_save, log
+        self.keep, self.async_save, self.log, self.primary = keep, async_save, log, primary
         self._open()
 
     def _open(self):
@@ -95,8 +126,6 @@ class TrainCheckpoints:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
                 state = restored["state"]
                 jax.block_until_ready(state)
-            except MemoryError:
-                raise
             except Exception as e:  # noqa: BLE001 - judged below
                 _quiet_orphaned_reads()
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
@@ -106,6 +135,10 @@ class TrainCheckpoints:
                         f"{self.directory}/{step} holds a training state of another shape than "
                         f"this run builds ({reason}); rerun with the run's original settings "
                         f"(see run.json) or use a new --workdir") from None
+                if not is_damage(e):
+                    raise RestoreFailed(
+                        f"restoring {self.directory}/{step} failed ({type(e).__name__}: {reason}); "
+                        f"the checkpoint is left in place; rerun once the cause is fixed") from e
                 self._quarantine(step)
                 self.log(f"warning: checkpoint step {step} is damaged ({type(e).__name__}: {reason}); "
                          f"moved to {self._damaged_dir()}, falling back to an earlier step")
@@ -118,13 +151,19 @@ class TrainCheckpoints:
         return os.path.join(os.path.dirname(self.directory), "damaged")
 
     def _quarantine(self, step: int) -> None:
-        src = os.path.join(self.directory, str(step))
-        os.makedirs(self._damaged_dir(), exist_ok=True)
-        dst = os.path.join(self._damaged_dir(), str(step))
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        if os.path.exists(src):
-            shutil.move(src, dst)
+        from dsv2_jax.sharding.hosts import barrier
+
+        # Every process found the same damage; process 0 moves it, the others wait for it.
+        barrier(f"dsv2_quarantine_{step}_start")
+        if self.primary:
+            src = os.path.join(self.directory, str(step))
+            os.makedirs(self._damaged_dir(), exist_ok=True)
+            dst = os.path.join(self._damaged_dir(), str(step))
+            if os.path.exists(dst):
+                shutil.rmtree(dst)
+            if os.path.exists(src):
+                shutil.move(src, dst)
+        barrier(f"dsv2_quarantine_{step}_done")
         self.manager.close()
         self._open()
 

@@ -54,6 +54,7 @@ def add_cli(sub) -> None:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for the MFU estimate (default: known for the device)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    _add_process_flags(p)
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on data",
@@ -64,6 +65,10 @@ def add_cli(sub) -> None:
     e.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     e.add_argument("--max-batches", type=int, default=None,
                    help="stop after this many batches (default: the whole held-out split)")
+    e.add_argument("--mesh", default=None,
+                   help="axis=n,... over data,fsdp,expert,tensor: load the model sharded "
+                        "(default: one device)")
+    _add_process_flags(e)
     e.set_defaults(func=run_eval)
 
     pl = sub.add_parser("plot", help="PNG of the loss, learning-rate and expert-load curves of a run",
@@ -71,6 +76,14 @@ def add_cli(sub) -> None:
     pl.add_argument("workdir", help="a training workdir (reads its metrics.jsonl)")
     pl.add_argument("--out", default=None, help="output PNG (default: WORKDIR/metrics.png)")
     pl.set_defaults(func=run_plot)
+
+
+def _add_process_flags(p) -> None:
+    g = p.add_argument_group("multi-process runs (detected on TPU pods and under SLURM)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordinator service")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index")
 
 
 def run_train(a) -> int:
@@ -90,7 +103,9 @@ def run_train(a) -> int:
 def run_eval(a) -> int:
     from dsv2_jax.train.evaluate import evaluate
 
-    res = evaluate(a.model, a.data, batch_size=a.batch_size, seq_len=a.seq_len, max_batches=a.max_batches)
+    res = evaluate(a.model, a.data, batch_size=a.batch_size, seq_len=a.seq_len, max_batches=a.max_batches,
+                   mesh=a.mesh, coordinator=a.coordinator, num_processes=a.num_processes,
+                   process_id=a.process_id)
     bpb = "n/a (no byte counts)" if res["bits_per_byte"] is None else f"{res['bits_per_byte']:.4f}"
     print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
           f"bits/byte {bpb}  ({res['tokens']} tokens, {res['bytes']} bytes)")

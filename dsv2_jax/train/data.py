@@ -48,11 +48,12 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "num
 
 _KINDS = ("stdlib", "text", "jsonl", "npy")
 _OPTIONS = {
-    "stdlib": {"holdout"},
-    "text": {"tokenizer", "holdout", "eval"},
-    "jsonl": {"tokenizer", "field", "holdout", "eval"},
-    "npy": {"sep", "holdout", "eval"},
+    "stdlib": {"holdout", "shard"},
+    "text": {"tokenizer", "holdout", "eval", "shard"},
+    "jsonl": {"tokenizer", "field", "holdout", "eval", "shard"},
+    "npy": {"sep", "holdout", "eval", "shard"},
 }
+_SHARDS = ("process", "global")
 _DEFAULT_HOLDOUT = 0.02
 _M64 = (1 << 64) - 1
 # Number of files whose pieces are interleaved in training; keeps one big file
@@ -76,6 +77,10 @@ class DataSpec:
     holdout: float = _DEFAULT_HOLDOUT
     eval_pattern: str | None = None
     sep: int | None = None
+    # process: each process reads its own files (scales with hosts); global: every process
+    # builds the whole global batch and keeps its rows (the stream does not depend on the
+    # process count, at the cost of every host reading everything).
+    shard: str = "process"
 
 
 def parse_spec(spec: str) -> DataSpec:
@@ -135,6 +140,10 @@ def parse_spec(spec: str) -> DataSpec:
         if sep < 0:
             raise ValueError(f"data spec {spec!r}: sep must be a token id >= 0")
 
+    shard = values.get("shard", "process")
+    if shard not in _SHARDS:
+        raise ValueError(f"data spec {spec!r}: shard={shard!r}; expected one of {', '.join(_SHARDS)}")
+
     tokenizer = values.get("tokenizer")
     if kind in ("text", "jsonl") and tokenizer is None:
         raise ValueError(
@@ -154,6 +163,7 @@ def parse_spec(spec: str) -> DataSpec:
         holdout=holdout,
         eval_pattern=os.path.expanduser(values["eval"]) if "eval" in values else None,
         sep=sep,
+        shard=shard,
     )
 
 
@@ -651,6 +661,11 @@ def make_train_iter(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     parsed = parse_spec(spec)
+    rows = None
+    if parsed.shard == "global":
+        # Every process builds the global batch and keeps its own rows.
+        rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+        batch_size, process_index, process_count = batch_size * process_count, 0, 1
     corpus = _Corpus(parsed, vocab_size, spec)
     if not corpus.train_files:
         raise ValueError(f"data {spec!r}: no training files are left after the held-out split")
@@ -672,6 +687,8 @@ def make_train_iter(
                           epoch=len(files))
     ds = _pack(ds, seq_len, bins=max(_PACK_BINS, batch_size), seed=seed)
     ds = ds.batch(batch_size, drop_remainder=True).map(_finalize)
+    if rows is not None:
+        ds = ds.map(lambda batch: {k: v[rows] for k, v in batch.items()})
     return iter(ds)
 
 

@@ -10,28 +10,52 @@ import jax.numpy as jnp
 from dsv2_jax.train.step import ModelFns, make_eval_step, params_of
 
 
-def load_for_eval(path: str):
+def load_for_eval(path: str, mesh=None):
     """(model config, params pure dict, ModelFns) from a training workdir (its newest complete
-    checkpoint), an HF directory or a dsv2 Orbax checkpoint."""
+    checkpoint), an HF directory or a dsv2 Orbax checkpoint; placed sharded under `mesh`."""
     from dsv2_jax import from_pretrained
 
-    model = from_pretrained(path)
+    model = from_pretrained(path, mesh=mesh)
     return model.cfg, params_of(model), ModelFns.from_model(model)
 
 
 def evaluate(model_path: str, data: str, *, batch_size: int = 8, seq_len: int = 256,
-             max_batches: int | None = None, progress: bool = True) -> dict:
+             max_batches: int | None = None, progress: bool = True, mesh: str | None = None,
+             coordinator: str | None = None, num_processes: int | None = None,
+             process_id: int | None = None) -> dict:
+    """Loss, perplexity and bits per byte of a model on held-out data. Every process sees the
+    same batches; with `mesh` the model is loaded sharded and each batch split over the
+    data-carrying axes."""
+    import contextlib
+
+    from dsv2_jax.sharding import hosts
     from dsv2_jax.train.data import make_eval_iter
 
-    cfg, params, fns = load_for_eval(model_path)
+    hosts.initialize(coordinator, num_processes, process_id)
+    place = jnp.asarray
+    mesh_obj = None
+    if mesh:
+        from dsv2_jax.sharding.mesh import batch_sharding, make_mesh
+        from dsv2_jax.sharding.rules import batch_axes
+
+        mesh_obj = make_mesh(mesh)
+        bsh = batch_sharding(mesh_obj)
+        n = math.prod(dict(mesh_obj.shape)[a] for a in batch_axes(mesh_obj))
+        if batch_size % n:
+            raise ValueError(f"--batch-size {batch_size} is not divisible by the {n} data-parallel "
+                             f"devices of --mesh {mesh}")
+        # Every process holds the same batch; each device takes its rows.
+        place = lambda v: jax.make_array_from_callback(v.shape, bsh, lambda idx: v[idx])
+    cfg, params, fns = load_for_eval(model_path, mesh_obj)
     step = jax.jit(make_eval_step(fns, cfg))
     ce_sum, tokens, nbytes = 0.0, 0.0, 0
-    bar = _EvalProgress(max_batches, enabled=progress)
+    bar = _EvalProgress(max_batches, enabled=progress and hosts.is_primary())
     try:
         for batch in make_eval_iter(data, seq_len=seq_len, batch_size=batch_size,
                                     max_batches=max_batches, vocab_size=cfg.vocab_size):
             nb = int(batch["num_bytes"].sum())
-            s, n = step(params, {k: jnp.asarray(v) for k, v in batch.items() if k != "num_bytes"})
+            with jax.set_mesh(mesh_obj) if mesh_obj is not None else contextlib.nullcontext():
+                s, n = step(params, {k: place(v) for k, v in batch.items() if k != "num_bytes"})
             ce_sum += float(s)
             tokens += float(n)
             nbytes += nb

@@ -3,7 +3,8 @@ from the newest good checkpoint there, with bit-identical losses.
 
 workdir/
   config.json       the model config the run trains (official form + dsv2_jax knobs)
-  run.json          the training arguments of the first run
+  run.json          the training arguments of the first run, the process count, and the
+                    history of schedule changes made by later resumes
   checkpoints/N/    Orbax: state (params, optimizer, step, counters) + data iterator
   damaged/N/        checkpoints that failed to restore, moved aside
   metrics.jsonl     one JSON object per step
@@ -11,6 +12,11 @@ workdir/
 Everything a run could be refused for (config, mesh, data spec, init source, resume
 arguments) is checked before the first file is written, so a refused run leaves the workdir
 as it was.
+
+Multi-process runs: every process runs the same command (`sharding/hosts.py` joins them);
+process 0 alone writes config.json, run.json, metrics.jsonl and moves damaged checkpoints;
+Orbax has every process write its own shards of a checkpoint. Every process raises its
+errors.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
 
 # Arguments that define the data stream a checkpointed iterator belongs to.
 _DATA_ARGS = ("data", "seq_len", "batch_size", "seed")
+# Arguments that define the learning-rate schedule: a resume may change them (extending a
+# run is common); the change is said and recorded.
+_SCHEDULE_ARGS = ("steps", "lr", "warmup_steps", "schedule")
 
 
 class TrainingError(UserError, RuntimeError):
@@ -66,6 +75,14 @@ class TrainArgs:
     log_every: int = 10
     peak_tflops: float | None = None
     stop_after: int | None = None  # stop (with a checkpoint) after this step; for tests
+    # Multi-process runs (explicit; TPU pods and SLURM are detected): see sharding/hosts.py.
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+def _quiet(*_args, **_kw) -> None:
+    pass
 
 
 def default_workdir(config: str, init_from: str | None = None) -> str:
@@ -184,7 +201,8 @@ def _check_args(args: TrainArgs) -> None:
 
 
 def _check_resume(args: TrainArgs) -> dict | None:
-    """The first run's arguments (run.json), refusing a resume that changes the data stream."""
+    """The workdir's run.json, refusing a resume that changes the data stream or the process
+    count (each process's data shard would change)."""
     run_json = os.path.join(args.workdir, "run.json")
     if not os.path.exists(run_json):
         return None
@@ -197,7 +215,37 @@ def _check_resume(args: TrainArgs) -> dict | None:
             f"{args.workdir} was trained with other data settings ("
             + ", ".join(f"--{k.replace('_', '-')} {first[k]!r}" for k in changed)
             + "); resume with the same ones or use a new --workdir")
+    procs = first.get("process_count", 1)
+    if procs != jax.process_count():
+        raise TrainingError(
+            f"{args.workdir} was trained by {procs} process(es), this run has "
+            f"{jax.process_count()}: each process's share of the data would change; resume with "
+            f"{procs} process(es) or use a new --workdir")
     return first
+
+
+def _schedule_now(run: dict) -> dict:
+    """The schedule arguments in force: the first run's, updated by every recorded change."""
+    now = {k: run.get(k) for k in _SCHEDULE_ARGS}
+    for change in run.get("history", []):
+        now.update({k: v["new"] for k, v in change.get("changes", {}).items()})
+    return now
+
+
+def _schedule_changes(run: dict | None, args: TrainArgs) -> dict:
+    if run is None:
+        return {}
+    now = _schedule_now(run)
+    return {k: {"old": now[k], "new": getattr(args, k)} for k in _SCHEDULE_ARGS
+            if now[k] != getattr(args, k)}
+
+
+def _write_json(path: str, obj) -> None:
+    """Whole or not at all: other processes may read it while it is rewritten."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _describe(args: TrainArgs, cfg: DeepseekV2Config, mesh) -> str:
@@ -216,6 +264,14 @@ def _describe(args: TrainArgs, cfg: DeepseekV2Config, mesh) -> str:
 def train(args: TrainArgs, log=print) -> dict:
     """Runs (or resumes) training; returns the last step's metrics ({} when the run was
     already finished)."""
+    from dsv2_jax.sharding import hosts
+
+    try:
+        hosts.initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    if not hosts.is_primary():
+        log = _quiet  # one voice: process 0's; errors still raise everywhere
     from dsv2_jax.sharding.mesh import batch_sharding, make_mesh, replicated
     from dsv2_jax.sharding.rules import optimizer_shardings, param_shardings
 
@@ -234,6 +290,7 @@ def train(args: TrainArgs, log=print) -> dict:
     given_cfg = _resolve_config(args)
     cfg = expert_parallel_config(given_cfg, mesh.shape["expert"], log)
     first_run = _check_resume(args)
+    changes = _schedule_changes(first_run, args)
     ckdir = os.path.join(args.workdir, "checkpoints")
     done = checkpoint_steps(ckdir)
     last_stop = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
@@ -275,28 +332,38 @@ def train(args: TrainArgs, log=print) -> dict:
                 "opt_state": optimizer_shardings(tx, state_shape["opt_state"], params_sh, mesh),
                 "step": rep, "nonfinite": rep}
     created = not os.path.exists(args.workdir)
+    primary = hosts.is_primary()
     ckpts = None
     try:
         if done:
-            ckpts = TrainCheckpoints(ckdir, keep=args.keep_checkpoints, log=log)
+            ckpts = TrainCheckpoints(ckdir, keep=args.keep_checkpoints, log=log, primary=primary)
             abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                     state_shape, state_sh)
             step0, state = ckpts.restore_latest(abstract, data_iter)
             log(f"resumed from {ckpts.directory}/{step0}")
         else:
             step0, state = 0, _initial_state(cfg, args, tx, params_of(abstract_model), mesh, state_sh)
-        # --- the run is accepted: its files ----------------------------------------------
-        os.makedirs(args.workdir, exist_ok=True)
-        given_cfg.save(os.path.join(args.workdir, "config.json"))
-        if first_run is None:
-            with open(os.path.join(args.workdir, "run.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=2)
+        if changes:
+            log(f"learning-rate schedule changed from step {step0}: "
+                + ", ".join(f"--{k.replace('_', '-')} {v['old']} -> {v['new']}" for k, v in changes.items()))
+        # --- the run is accepted: its files (process 0's) ---------------------------------
+        if primary:
+            os.makedirs(args.workdir, exist_ok=True)
+            given_cfg.save(os.path.join(args.workdir, "config.json"))
+            run_json = os.path.join(args.workdir, "run.json")
+            if first_run is None:
+                _write_json(run_json, dict(dataclasses.asdict(args), process_count=jax.process_count(),
+                                           history=[]))
+            elif changes:
+                first_run.setdefault("history", []).append({"step": step0, "changes": changes})
+                _write_json(run_json, first_run)
+        hosts.barrier("dsv2_train_files")
         if ckpts is None:
-            ckpts = TrainCheckpoints(ckdir, keep=args.keep_checkpoints, log=log)
+            ckpts = TrainCheckpoints(ckdir, keep=args.keep_checkpoints, log=log, primary=primary)
     except BaseException:
         if ckpts is not None:
             ckpts.close()
-        if created and os.path.isdir(args.workdir) and not checkpoint_steps(ckdir):
+        if primary and created and os.path.isdir(args.workdir) and not checkpoint_steps(ckdir):
             shutil.rmtree(args.workdir, ignore_errors=True)
         raise
     return _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter, ckpts,
@@ -311,7 +378,9 @@ def _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter,
     flops_tok = M.train_flops_per_token(cfg, args.seq_len)
     peak = (args.peak_tflops * 1e12 if args.peak_tflops else M.peak_flops_per_device(cfg.dtype))
     peak = peak * jax.device_count() if peak else None
-    mlog = M.MetricsLog(os.path.join(args.workdir, "metrics.jsonl"), step0)
+    from dsv2_jax.sharding.hosts import is_primary
+
+    mlog = M.MetricsLog(os.path.join(args.workdir, "metrics.jsonl"), step0, enabled=is_primary())
     progress = None
     consecutive_bad, rec = 0, {}
     # SIGTERM / a first Ctrl-C ask for a checkpoint at the next step boundary and a clean stop
@@ -342,7 +411,7 @@ def _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter,
                 t0 = time.perf_counter()
                 step_fn = step_fn.lower(state, batch).compile()
                 log(f"compiled in {time.perf_counter() - t0:.1f}s; training steps {step0 + 1}..{last_stop}")
-                progress = M.Progress(step0, args.steps, args.log_every)
+                progress = M.Progress(step0, args.steps, args.log_every, enabled=is_primary())
             t0 = time.perf_counter()
             state, m = step_fn(state, batch)
             m = jax.device_get(m)

@@ -46,8 +46,11 @@ def train_flops_per_token(cfg: DeepseekV2Config, seq_len: int) -> float:
 class MetricsLog:
     """Appends one JSON object per step to workdir/metrics.jsonl (flushed each line)."""
 
-    def __init__(self, path: str, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: str, resume_step: int | None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        self.f = None
+        if not enabled:  # another process writes the run's metrics
+            return
         if os.path.exists(path):
             # A resumed run recomputes the steps after its checkpoint: drop their old lines.
             keep = []
@@ -64,19 +67,23 @@ class MetricsLog:
         self.f = open(path, "a")
 
     def write(self, rec: dict) -> None:
+        if self.f is None:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
         self.f.write(json.dumps(clean) + "\n")
         self.f.flush()
 
     def close(self):
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 class Progress:
     """A tqdm bar on a terminal; plain lines every `every` steps otherwise."""
 
-    def __init__(self, start: int, total: int, every: int = 10):
-        self.tty = sys.stderr.isatty()
+    def __init__(self, start: int, total: int, every: int = 10, enabled: bool = True):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty() and enabled
         self.every = every
         self.t0 = time.time()
         if self.tty:
@@ -90,7 +97,7 @@ class Progress:
         if self.tty:
             self.bar.set_postfix_str(msg, refresh=False)
             self.bar.update(1)
-        elif rec["step"] % self.every == 0 or rec["step"] == 1:
+        elif self.enabled and (rec["step"] % self.every == 0 or rec["step"] == 1):
             print(f"step {rec['step']}: {msg}", flush=True)
 
     def close(self):

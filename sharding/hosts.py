@@ -1,0 +1,84 @@
+"""Joining a multi-process run: every host runs the same command; they meet at a coordinator
+before JAX touches a device.
+
+    explicit    --coordinator HOST:PORT --num-processes N --process-id I (any cluster, two
+                local processes on 127.0.0.1 included)
+    TPU pod     detected from the TPU VM environment (TPU_WORKER_HOSTNAMES / MEGASCALE_*);
+                JAX reads the worker list itself
+    SLURM       detected from SLURM_JOB_ID with more than one task; JAX reads the node list
+
+Nothing happens in a single-process run. After `initialize`, `jax.devices()` lists every
+process's devices and `sharding.mesh.make_mesh` lays them out so that only the data axis
+crosses TPU slices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def _multi_host_tpu() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def _multi_task_slurm() -> bool:
+    if "SLURM_JOB_ID" not in os.environ:
+        return False
+    try:
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1) > 1
+    except ValueError:
+        return False
+
+
+def detected_cluster() -> str | None:
+    """'tpu' or 'slurm' when the environment describes a multi-process run, else None."""
+    if _multi_host_tpu():
+        return "tpu"
+    if _multi_task_slurm():
+        return "slurm"
+    return None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Joins the run's processes (see the module docstring); True when this is a
+    multi-process run. Must come before any other JAX call that touches a device; calling
+    it again is harmless."""
+    if jax.distributed.is_initialized():
+        return True
+    given = [coordinator is not None, num_processes is not None, process_id is not None]
+    if any(given):
+        if not all(given):
+            raise ValueError("--coordinator, --num-processes and --process-id go together "
+                             "(or none of them, on a TPU pod or under SLURM)")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id {process_id} is not in [0, --num-processes "
+                             f"{num_processes})")
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--coordinator {coordinator!r}: expected HOST:PORT")
+        if num_processes == 1:
+            return False
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+        return True
+    if detected_cluster():
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes run files, metrics and plots, and moves checkpoints."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """All processes reach this point before any goes on (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,152 @@
+"""Multi-process runs: two local processes (jax.distributed on 127.0.0.1, CPU collectives,
+4 simulated devices each) train with fsdp and expert axes, save, resume on another mesh
+shape, and give the losses of one process with 8 devices; only process 0 writes the run
+files. Resume checks (process count, schedule changes) and which restore failures
+quarantine a checkpoint."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+ARGS = ["--config", "tiny", "--batch-size", "8", "--seq-len", "32", "--checkpoint-every", "2",
+        "--lr", "3e-3", "--warmup-steps", "1", "--log-every", "1", "--data", "stdlib,shard=global",
+        "--set", "num_hidden_layers=2"]
+
+
+def _env(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_two_processes(workdir, extra):
+    port = _free_port()
+    procs = []
+    for pid in (0, 1):
+        cmd = [sys.executable, "-m", "dsv2_jax.cli", "train", "--workdir", str(workdir), *ARGS, *extra,
+               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
+        procs.append(subprocess.Popen(cmd, env=_env(4), cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    return outs
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_two_processes_equal_one_process_and_resume_on_another_mesh(tmp_path):
+    one = subprocess.run([sys.executable, "-m", "dsv2_jax.cli", "train", "--workdir", str(tmp_path / "one"),
+                          *ARGS, "--steps", "4", "--mesh", "fsdp=2,expert=4"],
+                         env=_env(8), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = tmp_path / "two"
+    outs = _train_two_processes(two, ["--steps", "4", "--stop-after", "2", "--mesh", "fsdp=2,expert=4"])
+    # Process 0 speaks; process 1 is silent but for errors.
+    assert "compiling the training step" in outs[0][0]
+    assert "compiling the training step" not in outs[1][0] and "step 1:" not in outs[1][0]
+    # Resume on another mesh shape (fsdp -> data), same processes.
+    outs = _train_two_processes(two, ["--steps", "4", "--mesh", "data=2,expert=4"])
+    assert "resumed from" in outs[0][0]
+    a, b = _metrics(tmp_path / "one"), _metrics(two)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]  # one line per step: one writer
+    for key in ("loss", "ce", "expert_loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=2e-5, err_msg=key)
+    diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
+    print(f"two-process vs one-process loss difference: {diff:.2e}")
+    run = json.load(open(two / "run.json"))
+    assert run["process_count"] == 2
+    assert sorted(os.listdir(two)) == ["checkpoints", "config.json", "metrics.jsonl", "run.json"]
+    # Another process count is refused in one line, and nothing changes.
+    r = subprocess.run([sys.executable, "-m", "dsv2_jax.cli", "train", "--workdir", str(two), *ARGS,
+                        "--steps", "6", "--mesh", "data=2,expert=4"],
+                       env=_env(8), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1 and "trained by 2 process(es), this run has 1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_changed_schedule_is_said_recorded_and_followed(tmp_path):
+    from dsv2_jax.train.loop import TrainArgs, train
+
+    small = dict(config="tiny", batch_size=4, seq_len=32, log_every=1000, warmup_steps=1,
+                 set=["num_hidden_layers=2"], checkpoint_every=2)
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=2, lr=3e-3, **small))
+    logs = []
+    train(TrainArgs(workdir=wd, steps=4, lr=1e-3, schedule="constant", **small), log=logs.append)
+    line = [s for s in logs if "schedule changed" in s]
+    assert line == ["learning-rate schedule changed from step 2: --steps 2 -> 4, --lr 0.003 -> 0.001, "
+                    "--schedule cosine -> constant"], logs
+    run = json.load(open(os.path.join(wd, "run.json")))
+    assert run["history"] == [{"step": 2, "changes": {"steps": {"old": 2, "new": 4},
+                                                       "lr": {"old": 0.003, "new": 0.001},
+                                                       "schedule": {"old": "cosine", "new": "constant"}}}]
+    recs = _metrics(wd)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert recs[-1]["lr"] == pytest.approx(1e-3)
+    # A third run with the same arguments changes nothing more.
+    train(TrainArgs(workdir=wd, steps=5, lr=1e-3, schedule="constant", **small), log=logs.append)
+    assert len(json.load(open(os.path.join(wd, "run.json")))["history"]) == 2
+
+
+def test_a_transient_restore_error_stops_without_quarantine(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from dsv2_jax.errors import UserError
+    from dsv2_jax.train.loop import TrainArgs, train
+
+    small = dict(config="tiny", batch_size=4, seq_len=32, log_every=1000, warmup_steps=1,
+                 set=["num_hidden_layers=2"], checkpoint_every=2)
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=2, **small))
+    real = ocp.CheckpointManager.restore
+    calls = []
+
+    def flaky(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error (simulated storage blip)")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
+    with pytest.raises(UserError, match="left in place"):
+        train(TrainArgs(workdir=wd, steps=4, **small))
+    assert not os.path.exists(os.path.join(wd, "damaged"))
+    assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))
+    logs = []
+    train(TrainArgs(workdir=wd, steps=4, **small), log=logs.append)  # the blip is gone
+    assert any(s.endswith("/2") and "resumed from" in s for s in logs)
+
+
+def test_damage_is_recognised_and_other_failures_are_not():
+    from dsv2_jax.train.checkpointing import is_damage
+
+    for e in (FileNotFoundError("x"), ValueError("DATA_LOSS: Error decoding local file"),
+              ValueError("NOT_FOUND: Error reading Byte range"), ValueError("OUT_OF_RANGE: ..."),
+              json.JSONDecodeError("Expecting value", "x", 0)):
+        assert is_damage(e), e
+    for e in (OSError(5, "Input/output error"), MemoryError(), TimeoutError(), PermissionError(),
+              ValueError("Sharding ... implies that array axis 0 is partitioned 8 times")):
+        assert not is_damage(e), e
+
+
+def test_process_flags_go_together(capsys):
+    from dsv2_jax.cli import main
+
+    assert main(["train", "--coordinator", "127.0.0.1:1234", "--steps", "1"]) == 1
+    assert "go together" in capsys.readouterr().err
