@@ -11,10 +11,14 @@ R qk_rope_head_dim, V v_head_dim, C kv_lora_rank (the latent), Q q_lora_rank.
     logits   = (q_nope . kn + q_rope . kr) * softmax_scale
 
 The attention core is chosen in one place (`cfg.attn_impl`): `xla` (blocked causal, the
-default) or `reference` (the plain formula, whose shared rope key is never broadcast).
+default), `reference` (the plain formula, whose shared rope key is never broadcast) or
+`pallas` (`dsv2_jax.kernels.flash_mla`: flash attention with a Pallas forward and backward,
+from the packed documents' segment ids instead of a dense mask).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +91,43 @@ def mla_attention_xla(q_nope, q_rope, k_nope, k_rope, v, mask, scale):
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-ATTENTION_IMPLS = {"xla": mla_attention_xla, "reference": mla_attention_reference}
+def mla_attention_pallas(q_nope, q_rope, k_nope, k_rope, v, mask, scale, segment_ids=None):
+    """The Pallas flash-attention core (`dsv2_jax.kernels.flash_mla`), causal within the
+    documents of `segment_ids` [B,T] (the mask is not read: the kernel builds it per block and
+    skips fully masked blocks). Under a mesh it runs per shard (batch over the data axes,
+    heads over `tensor`): a kernel is one device's program, which XLA cannot split."""
+    from dsv2_jax.kernels import flash_mla
+
+    del mask
+    B, T, N, _ = q_nope.shape
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
+    kr = jnp.broadcast_to(k_rope[:, :, None, :], (B, T, N, k_rope.shape[-1]))
+    k = jnp.concatenate([k_nope, kr.astype(k_nope.dtype)], axis=-1)
+
+    def core(q, k, v, seg):
+        return flash_mla(q, k, v, causal=True, scale=float(scale), segment_ids=seg)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return core(q, k, v, segment_ids)
+    from jax.sharding import PartitionSpec as P
+
+    from dsv2_jax.sharding.rules import batch_axes
+
+    sizes = dict(mesh.shape)
+    rows = tuple(a for a in batch_axes(mesh) if sizes[a] > 1)
+    if B % max(1, math.prod(sizes[a] for a in rows)):
+        rows = ()  # a batch the data axes do not divide (inference) stays whole
+    heads = "tensor" if sizes.get("tensor", 1) > 1 and N % sizes["tensor"] == 0 else None
+    spec = P(rows or None, None, heads, None)
+    return jax.shard_map(core, in_specs=(spec, spec, spec, P(rows or None, None)), out_specs=spec,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
+ATTENTION_IMPLS = {"xla": mla_attention_xla, "reference": mla_attention_reference,
+                   "pallas": mla_attention_pallas}
 
 
 class MLA(nnx.Module):
@@ -128,8 +168,9 @@ class MLA(nnx.Module):
         q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
         return q_nope, apply_rope(q_rope, cos, sin)
 
-    def __call__(self, x, cos, sin, mask):
-        """x [B,T,D], cos/sin [B,T,R/2], mask [B,1,T,T] -> [B,T,D]."""
+    def __call__(self, x, cos, sin, mask, segment_ids=None):
+        """x [B,T,D], cos/sin [B,T,R/2], mask [B,1,T,T], segment_ids [B,T] (the documents the
+        mask keeps apart; read by the `pallas` core only) -> [B,T,D]."""
         cfg = self.cfg
         B, T, _ = x.shape
         N, P = cfg.num_attention_heads, cfg.qk_nope_head_dim
@@ -137,5 +178,9 @@ class MLA(nnx.Module):
         c, kr = self.latent(x, cos, sin)
         kv = self.kv_b_proj(c).reshape(B, T, N, P + cfg.v_head_dim)
         k_nope, v = kv[..., :P], kv[..., P:]
-        out = ATTENTION_IMPLS[cfg.attn_impl](q_nope, q_rope, k_nope, kr, v, mask, cfg.softmax_scale)
+        if cfg.attn_impl == "pallas":
+            out = mla_attention_pallas(q_nope, q_rope, k_nope, kr, v, mask, cfg.softmax_scale,
+                                       segment_ids)
+        else:
+            out = ATTENTION_IMPLS[cfg.attn_impl](q_nope, q_rope, k_nope, kr, v, mask, cfg.softmax_scale)
         return self.o_proj(out.reshape(B, T, N * cfg.v_head_dim))

@@ -277,8 +277,8 @@ class DeepseekV2Config:
             bad("moe_backend", f"unknown {self.moe_backend!r}; expected auto|ragged_dot|blocked")
         if self.moe_dispatch not in ("auto", "fixed", "ragged"):
             bad("moe_dispatch", f"unknown {self.moe_dispatch!r}; expected auto|fixed|ragged")
-        if self.attn_impl not in ("xla", "reference"):
-            bad("attn_impl", f"unknown {self.attn_impl!r}; expected 'xla' or 'reference'")
+        if self.attn_impl not in ("xla", "reference", "pallas"):
+            bad("attn_impl", f"unknown {self.attn_impl!r}; expected xla|reference|pallas")
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
             bad("scan_unroll", f"must be a positive integer, got {self.scan_unroll!r}")
         if not isinstance(self.ce_chunk, int) or self.ce_chunk < 0:

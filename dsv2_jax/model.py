@@ -45,9 +45,11 @@ class DecoderLayer(nnx.Module):
                            dtype=dtype_of(cfg.dtype), param_dtype=pdt)
         self.is_moe = moe
 
-    def __call__(self, x, cos, sin, mask, valid=None, *, train: bool = False):
-        """valid [B,T] bool marks real (non-padding) tokens. Returns (x, router output or None)."""
-        a = constrain(self.self_attn(constrain(self.input_layernorm(x), ACT_BTD), cos, sin, mask), ACT_BTD)
+    def __call__(self, x, cos, sin, mask, valid=None, *, train: bool = False, segment_ids=None):
+        """valid [B,T] bool marks real (non-padding) tokens; segment_ids [B,T] the packed
+        documents (for the `pallas` attention). Returns (x, router output or None)."""
+        a = constrain(self.self_attn(constrain(self.input_layernorm(x), ACT_BTD), cos, sin, mask,
+                                     segment_ids), ACT_BTD)
         x = x + a
         h = constrain(self.post_attention_layernorm(x), ACT_BTD)
         if self.is_moe:
@@ -76,12 +78,12 @@ class LayerStack(nnx.Module):
         self.cfg, self.moe, self.first, self.count = cfg, moe, first, count
         self.layers = _stacked(lambda r: DecoderLayer(cfg, moe, rngs=r), count, rngs)
 
-    def __call__(self, x, cos, sin, mask, valid=None, *, train: bool = False):
+    def __call__(self, x, cos, sin, mask, valid=None, *, train: bool = False, segment_ids=None):
         graphdef, state = nnx.split(self.layers)
 
         def body(h, layer_state):
             layer = nnx.merge(graphdef, layer_state)
-            h, router = layer(h, cos, sin, mask, valid, train=train)
+            h, router = layer(h, cos, sin, mask, valid, train=train, segment_ids=segment_ids)
             return h, router
 
         if self.cfg.remat != "none":
@@ -118,7 +120,7 @@ class DeepseekV2ForCausalLM(nnx.Module):
         x = constrain(self.embed_tokens(input_ids), ACT_BTD)
         routers = []
         for seg in self.segments:
-            x, router = seg(x, cos, sin, mask, segment_ids > 0, train=train)
+            x, router = seg(x, cos, sin, mask, segment_ids > 0, train=train, segment_ids=segment_ids)
             if seg.moe:
                 routers.append(router)
         return constrain(self.norm(x), ACT_BTD), routers
