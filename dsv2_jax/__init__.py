@@ -29,7 +29,8 @@ _alias_checkout_folders()
 from dsv2_jax.config import DeepseekV2Config, load_config
 from dsv2_jax.model import DeepseekV2ForCausalLM
 
-__all__ = ["DeepseekV2Config", "DeepseekV2ForCausalLM", "from_pretrained", "load_config", "init_model"]
+__all__ = ["DeepseekV2Config", "DeepseekV2ForCausalLM", "from_pretrained", "load_config", "init_model",
+           "generate"]
 
 
 def init_model(cfg: DeepseekV2Config, seed: int = 0) -> DeepseekV2ForCausalLM:
@@ -45,3 +46,11 @@ def from_pretrained(path, dtype=None, **kw):
     from dsv2_jax.checkpoint.hf import from_pretrained as _fp
 
     return _fp(path, dtype=dtype, **kw)
+
+
+def generate(model, prompt_ids, max_new_tokens, **kw):
+    """Greedy or sampled continuation over the latent KV cache -> [batch, prompt + new] int32
+    ids; see `dsv2_jax.generation.generate`."""
+    from dsv2_jax.generation import generate as _generate
+
+    return _generate(model, prompt_ids, max_new_tokens, **kw)

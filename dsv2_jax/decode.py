@@ -1,0 +1,321 @@
+"""Inference over the latent cache: prefill in the expanded form, decode steps in the absorbed
+form.
+
+Letters as in attention.py: B batch, T prompt positions, S cache positions, N heads, P
+qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank, K = C + R, D hidden_size,
+L layers of one segment, E routed experts, F moe_intermediate_size.
+
+Weight absorption. kv_b_proj's kernel [C, N*(P+V)] is, per head n, [W_UK_n | W_UV_n] with
+W_UK_n [C, P] and W_UV_n [C, V], so for a query at one position and cached latents c_s
+
+    q_nope . k_nope_s = q_nope . (c_s W_UK_n) = (W_UK_n q_nope) . c_s
+    sum_s p_s v_s     = sum_s p_s (c_s W_UV_n) = (sum_s p_s c_s) W_UV_n
+
+and a decode step is multi-query attention: N queries of width K, [W_UK_n q_nope ; q_rope],
+against ONE key per position, the cached row [c ; k_rope], whose first C values are also the
+value; W_UV and o_proj follow. The cache is read as stored, never re-projected through
+kv_b_proj (HF and MaxText re-expand all S positions at every step: S*C*N*(P+V) multiply-adds
+per layer per step, against N*C*(P+V) here).
+
+Prefill is compute-bound over T positions, where the expanded form is cheaper (its attention
+contracts P+R per head instead of K); it runs the model's own decoder layers and adds only
+`MLA.latent` to fill the cache (the same kv_a_proj on the same input: XLA computes it once).
+
+The attention core of a decode step is `decode_attention`, with the contract of
+`dsv2_jax.kernels.mla_decode.mla_decode`: q [B, N, K], cache [B, S, K], lengths [B] ->
+[B, N, C]. cfg.attn_impl == "pallas" selects that kernel when the module exists; otherwise
+(and for every other impl) the XLA form `mla_decode_xla` runs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from dsv2_jax.attention import attention_mask
+from dsv2_jax.cache import LatentCache, fill_segment, read_layer, write_token
+from dsv2_jax.layers import dtype_of
+from dsv2_jax.moe import expert_parallel_size, gmm_backend, routed_experts
+from dsv2_jax.rope import rope_cos_sin
+
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+# ---------------------------------------------------------------------------------------
+# The attention core of a decode step.
+
+
+def mla_decode_xla(q, kv_cache, lengths, *, v_dim: int, scale: float):
+    """Multi-query attention over the latent cache.
+
+    q [B, H, K], kv_cache [B, S, K] (one key per position shared by the H heads; its first
+    v_dim values are the value), lengths [B] int (row b attends to positions < lengths[b])
+    -> [B, H, v_dim] in q's dtype (zeros where lengths is 0, as the kernel gives). Softmax
+    in float32.
+    """
+    S = kv_cache.shape[1]
+    logits = jnp.einsum("bhk,bsk->bhs", q, kv_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    live = jnp.arange(S)[None, None, :] < lengths[:, None, None]
+    probs = jax.nn.softmax(jnp.where(live, logits * scale, _NEG), axis=-1)
+    # The product runs over the whole row and drops the rope columns after: slicing the
+    # cache's first v_dim columns first would copy it (a strided view) every step.
+    out = jnp.einsum("bhs,bsk->bhk", probs.astype(q.dtype), kv_cache.astype(q.dtype))
+    return jnp.where(lengths[:, None, None] > 0, out[..., :v_dim], 0).astype(q.dtype)
+
+
+def _pallas_mla_decode():
+    """The Pallas kernel when `dsv2_jax.kernels.mla_decode` exists, else None."""
+    try:
+        from dsv2_jax.kernels.mla_decode import mla_decode
+    except ModuleNotFoundError as e:
+        if e.name not in ("dsv2_jax.kernels", "dsv2_jax.kernels.mla_decode"):
+            raise
+        return None
+    return mla_decode
+
+
+def decode_attention(q, kv_cache, lengths, *, v_dim: int, scale: float, impl: str = "xla"):
+    """The one place a decode step's attention core is chosen; see `mla_decode_xla`."""
+    if impl == "pallas":
+        kernel = _pallas_mla_decode()
+        if kernel is not None:
+            return kernel(q, kv_cache, lengths, v_dim=v_dim, scale=scale)
+    return mla_decode_xla(q, kv_cache, lengths, v_dim=v_dim, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------
+# Absorbed weights.
+
+
+@struct.dataclass
+class AbsorbedWeights:
+    w_uk: tuple  # per segment [L, N, C, P]
+    w_uv: tuple  # per segment [L, N, C, V]
+
+
+def absorb(model) -> AbsorbedWeights:
+    """Splits every layer's kv_b_proj kernel [C, N*(P+V)] into per-head W_UK [N, C, P] and
+    W_UV [N, C, V], in the compute dtype. Done once per generate call, outside the loop."""
+    cfg = model.cfg
+    N, P, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    dt = dtype_of(cfg.dtype)
+    w_uk, w_uv = [], []
+    for seg in model.segments:
+        k = seg.layers.self_attn.kv_b_proj.kernel[...]  # [L, C, N*(P+V)]
+        k = k.reshape(k.shape[0], k.shape[1], N, P + V).astype(dt)
+        w_uk.append(jnp.einsum("lcnp->lncp", k[..., :P]))
+        w_uv.append(jnp.einsum("lcnv->lncv", k[..., P:]))
+    return AbsorbedWeights(tuple(w_uk), tuple(w_uv))
+
+
+def absorbed_attention(attn, xn, cos, sin, kv_layer, positions, w_uk, w_uv, impl: str = "xla"):
+    """One decode position of one MLA layer, in the absorbed form.
+
+    attn: an `MLA` (one layer), xn [B, 1, D] (normed input), cos/sin [B, 1, R/2],
+    kv_layer [B, S, K] (this layer's cache, the new token already written at `positions`),
+    positions [B] int, w_uk [N, C, P], w_uv [N, C, V] -> [B, 1, D].
+    """
+    cfg = attn.cfg
+    B = xn.shape[0]
+    N, C, V = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.v_head_dim
+    q_nope, q_rope = attn.queries(xn, cos, sin)  # [B,1,N,P], [B,1,N,R]
+    q_lat = jnp.einsum("bnp,ncp->bnc", q_nope[:, 0], w_uk)  # W_UK folded into the query
+    q = jnp.concatenate([q_lat, q_rope[:, 0].astype(q_lat.dtype)], axis=-1)  # [B,N,K]
+    o = decode_attention(q, kv_layer, positions + 1, v_dim=C, scale=cfg.softmax_scale, impl=impl)
+    o = jnp.einsum("bnc,ncv->bnv", o.astype(w_uv.dtype), w_uv)  # [B,N,V]
+    return attn.o_proj(o.reshape(B, 1, N * V))
+
+
+# ---------------------------------------------------------------------------------------
+# MoE for a handful of tokens.
+
+
+def _routed_by_pair(xt, idx, weight, w_gate, w_up, w_down, layer):
+    """sum_k weight[m,k] * FFN_{idx[m,k]}(xt[m]), one (token, expert) pair at a time.
+
+    xt [M, D], idx / weight [M, K], w_* the segment's stacks [L, E, ...] -> [M, D] float32.
+    Each pair slices its expert's matrices out of the stack in place: XLA:CPU's gather of
+    whole weight matrices runs ~9x slower than these slices (24 pairs at the bench shape:
+    ~28 ms against ~3 ms per projection), and a product over all experts reads every one.
+    """
+    M, K = idx.shape
+    D, F = w_gate.shape[2:]
+
+    def expert(w, e, shape):
+        return jax.lax.dynamic_slice(w, (layer, e, 0, 0), (1, 1) + shape)[0, 0].astype(xt.dtype)
+
+    def body(j, y):
+        m, k = j // K, j % K
+        e = idx[m, k]
+        x = xt[m]
+        h = jax.nn.silu(x @ expert(w_gate, e, (D, F))) * (x @ expert(w_up, e, (D, F)))
+        return y.at[m].add(weight[m, k] * (h @ expert(w_down, e, (F, D))).astype(jnp.float32))
+
+    return jax.lax.fori_loop(0, M * K, body, jnp.zeros((M, D), jnp.float32))
+
+
+def moe_few_tokens(gate, shared_experts, w_gate, w_up, w_down, layer, x, backend: str = "blocked"):
+    """The MoE layer for decode's few tokens, the same function as `MoE.__call__` (dropless).
+
+    gate: the layer's `Router`; shared_experts: its shared `MLP` or None; w_gate / w_up
+    [L, E, D, F], w_down [L, E, F, D]: the routed experts of the WHOLE segment, `layer` the
+    index of this layer in it; x [B, T, D] -> [B, T, D].
+
+    At decode a token meets K experts and the cost is reading their weights, so the experts
+    stay stacked and only the chosen ones are read: slicing a layer's [E, D, F] out of the
+    segment first would copy all of them every step. Up to 2E (token, expert) pairs run one
+    pair at a time (on CPU, `_routed_by_pair`) or through one gather of the chosen matrices
+    (elsewhere); past that, the grouped matmul of `dsv2_jax.moe` (`backend`) over the
+    layer's experts.
+    """
+    B, T, D = x.shape
+    xt = x.reshape(B * T, D)
+    r = gate(xt)
+    M, K = r.topk_idx.shape
+    E = w_gate.shape[1]
+    if M * K <= 2 * E and jax.default_backend() == "cpu":
+        y = _routed_by_pair(xt, r.topk_idx, r.topk_weight, w_gate, w_up, w_down, layer)
+    elif M * K <= 2 * E:
+        idx = r.topk_idx
+        wg, wu, wd = (w[layer, idx].astype(x.dtype) for w in (w_gate, w_up, w_down))  # [M,K,...]
+        h = jax.nn.silu(jnp.einsum("md,mkdf->mkf", xt, wg)) * jnp.einsum("md,mkdf->mkf", xt, wu)
+        y = jnp.einsum("mkd,mk->md", jnp.einsum("mkf,mkfd->mkd", h, wd).astype(jnp.float32),
+                       r.topk_weight)
+    else:
+        wg, wu, wd = (jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
+                      for w in (w_gate, w_up, w_down))
+        y = routed_experts(xt, r.topk_idx, r.topk_weight, wg, wu, wd, backend)
+    y = y.astype(x.dtype)
+    if shared_experts is not None:
+        y = y + shared_experts(xt)
+    return y.reshape(B, T, D)
+
+
+def _decode_parts(seg):
+    """The submodules a decode step runs, each split into (graphdef, stacked state), and the
+    segment's routed-expert stacks (kept whole, see `moe_few_tokens`), or None."""
+    layers = seg.layers
+    names = ["input_layernorm", "self_attn", "post_attention_layernorm"]
+    experts = None
+    if not seg.moe or expert_parallel_size() > 1:
+        # Expert parallelism: the dispatch lives in MoE.__call__; keep one copy of it.
+        names.append("mlp")
+    else:
+        names.append("mlp.gate")
+        if layers.mlp.shared_experts is not None:
+            names.append("mlp.shared_experts")
+        e = layers.mlp.experts
+        experts = (e.gate_proj[...], e.up_proj[...], e.down_proj[...])
+    parts = {}
+    for name in names:
+        module = layers
+        for attr in name.split("."):
+            module = getattr(module, attr)
+        parts[name] = nnx.split(module)
+    return parts, experts
+
+
+# ---------------------------------------------------------------------------------------
+# Prefill and one decode step.
+
+
+def _unroll(cfg, count: int) -> int:
+    return max(1, min(cfg.scan_unroll, count))
+
+
+def prefill(model, ids, lengths, cache: LatentCache):
+    """Runs right-padded prompts through the model's own (expanded) layers and fills the cache.
+
+    ids [B, T] int32 (row b real up to lengths[b], padding after), lengths [B] int32, cache
+    with max_len >= T -> (logits [B, vocab] float32 at each row's last real position, cache
+    holding positions [0, T) with lengths = lengths). Padding positions are cached too; they
+    lie at or past `lengths` and decode overwrites each before it is ever attended.
+    """
+    cfg = model.cfg
+    B, T = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    # Padding gets its own segment id, as packed batches do: it sees only itself.
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+    mask = attention_mask(segment_ids, segment_ids)
+    cos, sin = rope_cos_sin(cfg, positions)
+    valid = segment_ids > 0
+    x = model.embed_tokens(ids)
+    for s, seg in enumerate(model.segments):
+        graphdef, state = nnx.split(seg.layers)
+
+        def body(h, layer_state, graphdef=graphdef):
+            layer = nnx.merge(graphdef, layer_state)
+            c, kr = layer.self_attn.latent(layer.input_layernorm(h), cos, sin)
+            h, _ = layer(h, cos, sin, mask, valid, segment_ids=segment_ids)
+            return h, jnp.concatenate([c, kr.astype(c.dtype)], axis=-1)
+
+        x, rows = jax.lax.scan(body, x, state, unroll=_unroll(cfg, seg.count))  # rows [L,B,T,K]
+        cache = fill_segment(cache, s, rows, lengths)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B,1,D]
+    logits = model.logits_from_hidden(model.norm(last))[:, 0]
+    return logits.astype(jnp.float32), cache
+
+
+def decode_step(model, weights: AbsorbedWeights, cache: LatentCache, tokens):
+    """tokens [B] int32, each at position cache.lengths[b] -> (logits [B, vocab] float32,
+    cache with the tokens' latents written and lengths + 1)."""
+    cfg = model.cfg
+    C = cfg.kv_lora_rank
+    dt = dtype_of(cfg.dtype)
+    pos = cache.lengths  # [B]
+    cos, sin = rope_cos_sin(cfg, pos[:, None])
+    x = model.embed_tokens(tokens[:, None])  # [B,1,D]
+    kvs, scales = list(cache.kv), list(cache.scale)
+    for s, seg in enumerate(model.segments):
+        parts, experts = _decode_parts(seg)
+        graphdefs = {k: g for k, (g, _) in parts.items()}
+
+        def body(carry, xs, graphdefs=graphdefs, experts=experts):
+            h, kv, scale = carry
+            states, w_uk, w_uv, i = xs
+            m = {k: nnx.merge(graphdefs[k], states[k]) for k in graphdefs}
+            attn = m["self_attn"]
+            xn = m["input_layernorm"](h)
+            c, kr = attn.latent(xn, cos, sin)
+            row = jnp.concatenate([c, kr.astype(c.dtype)], axis=-1)[:, 0]  # [B,K]
+            kv, scale = write_token(kv, scale, i, row, pos, cache.kind, C)
+            keys = read_layer(kv, scale, i, C, dt)  # [B,S,K]
+            h = h + absorbed_attention(attn, xn, cos, sin, keys, pos, w_uk, w_uv, cfg.attn_impl)
+            hn = m["post_attention_layernorm"](h)
+            if experts is not None:
+                ffn = moe_few_tokens(m["mlp.gate"], m.get("mlp.shared_experts"), *experts, i, hn,
+                                     gmm_backend(cfg))
+            elif seg.moe:
+                ffn = m["mlp"](hn)[0]
+            else:
+                ffn = m["mlp"](hn)
+            return (h + ffn, kv, scale), None
+
+        states = {k: st for k, (_, st) in parts.items()}
+        xs = (states, weights.w_uk[s], weights.w_uv[s], jnp.arange(seg.count))
+        (x, kvs[s], scales[s]), _ = jax.lax.scan(body, (x, kvs[s], scales[s]), xs,
+                                                 unroll=_unroll(cfg, seg.count))
+    logits = model.logits_from_hidden(model.norm(x))[:, 0]
+    cache = cache.replace(kv=tuple(kvs), scale=tuple(scales), lengths=pos + 1)
+    return logits.astype(jnp.float32), cache
+
+
+def teacher_forced_logits(model, ids, lengths, steps: int, cache: LatentCache):
+    """Decode-path logits of known continuations (for checking the cache path against the
+    full forward, and quantised caches against float ones).
+
+    ids [B, T] int32, lengths [B]: row b's first lengths[b] tokens are prefilled, then its
+    next `steps` tokens are fed one decode step at a time (lengths[b] + steps <= T) ->
+    logits [B, 1 + steps, vocab] float32 at positions lengths[b] - 1 + j.
+    """
+    first, cache = prefill(model, ids, lengths, cache)
+    weights = absorb(model)
+
+    def step(cache, j):
+        tok = jnp.take_along_axis(ids, (lengths + j)[:, None], axis=1)[:, 0]
+        logits, cache = decode_step(model, weights, cache, tok)
+        return cache, logits
+
+    _, rest = jax.lax.scan(step, cache, jnp.arange(steps))
+    return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)
