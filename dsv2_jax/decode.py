@@ -37,6 +37,7 @@ from dsv2_jax.attention import attention_mask
 from dsv2_jax.cache import LatentCache, fill_segment, read_layer, write_token
 from dsv2_jax.layers import dtype_of
 from dsv2_jax.moe import expert_parallel_size, gmm_backend, routed_experts
+from dsv2_jax.moe.gmm import routed_experts_stacked
 from dsv2_jax.rope import rope_cos_sin
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -131,30 +132,6 @@ def absorbed_attention(attn, xn, cos, sin, kv_layer, positions, w_uk, w_uv, impl
 # MoE for a handful of tokens.
 
 
-def _routed_by_pair(xt, idx, weight, w_gate, w_up, w_down, layer):
-    """sum_k weight[m,k] * FFN_{idx[m,k]}(xt[m]), one (token, expert) pair at a time.
-
-    xt [M, D], idx / weight [M, K], w_* the segment's stacks [L, E, ...] -> [M, D] float32.
-    Each pair slices its expert's matrices out of the stack in place: XLA:CPU's gather of
-    whole weight matrices runs ~9x slower than these slices (24 pairs at the bench shape:
-    ~28 ms against ~3 ms per projection), and a product over all experts reads every one.
-    """
-    M, K = idx.shape
-    D, F = w_gate.shape[2:]
-
-    def expert(w, e, shape):
-        return jax.lax.dynamic_slice(w, (layer, e, 0, 0), (1, 1) + shape)[0, 0].astype(xt.dtype)
-
-    def body(j, y):
-        m, k = j // K, j % K
-        e = idx[m, k]
-        x = xt[m]
-        h = jax.nn.silu(x @ expert(w_gate, e, (D, F))) * (x @ expert(w_up, e, (D, F)))
-        return y.at[m].add(weight[m, k] * (h @ expert(w_down, e, (F, D))).astype(jnp.float32))
-
-    return jax.lax.fori_loop(0, M * K, body, jnp.zeros((M, D), jnp.float32))
-
-
 def moe_few_tokens(gate, shared_experts, w_gate, w_up, w_down, layer, x, backend: str = "blocked"):
     """The MoE layer for decode's few tokens, the same function as `MoE.__call__` (dropless).
 
@@ -164,18 +141,18 @@ def moe_few_tokens(gate, shared_experts, w_gate, w_up, w_down, layer, x, backend
 
     At decode a token meets K experts and the cost is reading their weights, so the experts
     stay stacked and only the chosen ones are read: slicing a layer's [E, D, F] out of the
-    segment first would copy all of them every step. Up to 2E (token, expert) pairs run one
-    pair at a time (on CPU, `_routed_by_pair`) or through one gather of the chosen matrices
-    (elsewhere); past that, the grouped matmul of `dsv2_jax.moe` (`backend`) over the
-    layer's experts.
+    segment first would copy all of them every step. With the blocked backend (CPU) the
+    rows sorted by expert go through windows that read each chosen expert once, in place
+    (`routed_experts_stacked`); elsewhere up to 2E (token, expert) pairs go through one
+    gather of the chosen matrices, and past that the layer's experts through `backend`.
     """
     B, T, D = x.shape
     xt = x.reshape(B * T, D)
     r = gate(xt)
     M, K = r.topk_idx.shape
     E = w_gate.shape[1]
-    if M * K <= 2 * E and jax.default_backend() == "cpu":
-        y = _routed_by_pair(xt, r.topk_idx, r.topk_weight, w_gate, w_up, w_down, layer)
+    if backend == "blocked":
+        y = routed_experts_stacked(xt, r.topk_idx, r.topk_weight, w_gate, w_up, w_down, layer)
     elif M * K <= 2 * E:
         idx = r.topk_idx
         wg, wu, wd = (w[layer, idx].astype(x.dtype) for w in (w_gate, w_up, w_down))  # [M,K,...]

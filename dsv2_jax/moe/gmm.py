@@ -3,12 +3,21 @@
 One backend per platform, chosen in `gmm_backend`:
   * `ragged_dot`: `jax.lax.ragged_dot` (GPU/TPU; XLA:CPU lowers it to a dense product over
     all experts, ~50x slower there);
-  * `blocked` (CPU): each expert's rows padded to a multiple of a block size, every block a
-    small matmul against its expert's weights. Exact and dropless with static shapes: at
-    most ceil(M/b) + E blocks, whatever the routing.
+  * `blocked` (CPU): a loop over windows of b rows of the sorted array, each window within
+    one expert's rows (an expert's last window is cut at its end), one [b, D] x [D, F]
+    product per window against that expert's weights read in place. The loop runs over the
+    windows that hold rows only: ceil(n_e / b) per expert, at most M/b + E, so worst-case
+    buffers (expert-parallel dropless dispatch, dropped rows) cost nothing past their real
+    rows. The three products of a window run in one loop iteration (SwiGLU fused), with
+    its own backward (a custom_vjp): dx by the same windows; an expert's weight gradients
+    summed in float32 over its consecutive windows and written in the weights' dtype, so
+    neither a per-window copy of the weights nor a float32 [E, D, F] buffer is kept.
 Neither runs a Python loop over experts nor computes rows against experts they did not choose.
 
-Shapes: M rows, D hidden, F expert width, E experts, T tokens, K experts per token.
+`routed_experts` moves rows between token order and expert order with gathers both ways (a
+permutation and its inverse), never scatters, which XLA:CPU runs element by element.
+
+Shapes: M rows, D hidden, F expert width, E experts, T tokens, K experts per token, b window.
 """
 
 from __future__ import annotations
@@ -29,112 +38,250 @@ def gmm_backend(cfg: DeepseekV2Config) -> str:
     return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
-class _RaggedDot:
+def window_rows(rows: int, n_experts: int) -> int:
+    """Rows per window of the blocked backend: about a quarter of the mean group, between 8
+    and 128 (smaller wastes the product's efficiency, larger wastes the rows an expert's last
+    window computes past its end)."""
+    mean_group = max(1, rows // max(1, n_experts))
+    return int(min(128, max(8, 2 ** int(math.log2(max(1, mean_group // 2))))))
+
+
+def _zeros(shape, dtype, *like):
+    """Zeros that vary over every manual mesh axis one of `like` varies over: inside a
+    shard_map a loop's carry must keep its type, and the products it accumulates vary over
+    the axes of their operands."""
+    axes = set()
+    for a in like:
+        mat = getattr(jax.typeof(a), "manual_axis_type", None)
+        axes |= set(mat.varying) if mat is not None else set()
+    z = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
+
+
+def _as_type_of(ct, primal):
+    """A cotangent summed over the manual mesh axes it varies over and its primal does not
+    (what autodiff does for an invariant operand used with varying ones: the transpose of
+    the implicit broadcast is a psum)."""
+    def varying(a):
+        mat = getattr(jax.typeof(a), "manual_axis_type", None)
+        return set(mat.varying) if mat is not None else set()
+
+    extra = varying(ct) - varying(primal)
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+def _windows(group_sizes, rows: int, b: int):
+    """The windows of rows sorted by expert: (expert [P], first row [P], expert's end row
+    [P], count of windows in use), P = rows // b + E a static bound."""
+    E = group_sizes.shape[0]
+    gs = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(gs)
+    starts = ends - gs
+    per = (gs + b - 1) // b  # windows of each expert
+    first = jnp.cumsum(per) - per
+    P = rows // b + E
+    w = jnp.arange(P, dtype=jnp.int32)
+    expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(per), w, side="right"), E - 1).astype(jnp.int32)
+    row0 = starts[expert] + (w - first[expert]) * b
+    return expert, row0, ends[expert], jnp.sum(per)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _windowed_swiglu(x, wg, wu, wd, group_sizes, b: int):
+    """down(silu(x Wg) * (x Wu)) of each row with its expert's weights, the three products of
+    a window in one loop iteration (x read once, h never written whole)."""
+    return _swiglu_fwd(x, wg, wu, wd, group_sizes, b)[0]
+
+
+def _swiglu_loop(x, weight, group_sizes, b: int, keep_pre: bool):
+    """The forward loop; weight(e, name) gives expert e's matrix in place. Returns y [M, D]
+    and, with keep_pre, the pre-activations (gate, up) [M + b, F], kept one window longer
+    so that the backward reads an expert's last window where the forward wrote it (a
+    dynamic slice running past the end would be moved back, onto other rows)."""
+    M, D = x.shape
+    F = weight(0, "gate").shape[1]
+    expert, row0, end, used = _windows(group_sizes, M, b)
+    xp = jnp.concatenate([x, jnp.zeros((b, D), x.dtype)])
+
+    def body(i, carry):
+        r0, e = row0[i], expert[i]
+        xs = jax.lax.dynamic_slice_in_dim(xp, r0, b)
+        g, u = xs @ weight(e, "gate"), xs @ weight(e, "up")
+        out = (jax.nn.silu(g) * u) @ weight(e, "down")
+        keep = ((r0 + jnp.arange(b)) < end[i])[:, None]
+        put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(
+            buf, jnp.where(keep, v, jax.lax.dynamic_slice_in_dim(buf, r0, b)), r0, 0)
+        return (put(carry[0], out),) + ((put(carry[1], g), put(carry[2], u)) if keep_pre else ())
+
+    ws = [weight(0, n) for n in ("gate", "up", "down")]
+    init = (_zeros((M + b, D), x.dtype, x, *ws),)
+    if keep_pre:
+        init += (_zeros((M + b, F), x.dtype, x, *ws[:2]), _zeros((M + b, F), x.dtype, x, *ws[:2]))
+    out = jax.lax.fori_loop(0, used, body, init)
+    return (out[0][:M],) + out[1:]
+
+
+def _swiglu_fwd(x, wg, wu, wd, group_sizes, b: int):
+    mats = {"gate": wg, "up": wu, "down": wd}
+    y, gate, up = _swiglu_loop(x, lambda e, n: mats[n][e], group_sizes, b, keep_pre=True)
+    # The pre-activations are kept (2 x [M + b, F]) so the backward recomputes no product.
+    return y, (x, wg, wu, wd, group_sizes, gate, up)
+
+
+def windowed_swiglu_stacked(x, w_gate, w_up, w_down, layer, group_sizes):
+    """Forward only, for decode: the experts of layer `layer` of a segment's stacks
+    [L, E, D, F] / [L, E, F, D], each matrix read in place (slicing the layer's [E, D, F] out
+    first would copy every expert of it, each step). x [M, D] sorted by expert -> [M, D]."""
+    mats = {"gate": w_gate, "up": w_up, "down": w_down}
+    dt = x.dtype
+    b = window_rows(x.shape[0], w_gate.shape[1])
+    return _swiglu_loop(x, lambda e, n: mats[n][layer, e].astype(dt), group_sizes, b, keep_pre=False)[0]
+
+
+def _swiglu_bwd(b: int, res, dy):
+    x, wg, wu, wd, group_sizes, gate, up = res
+    M, D = x.shape
+    expert, row0, end, used = _windows(group_sizes, M, b)
+    xp = jnp.concatenate([x, jnp.zeros((b, D), x.dtype)])
+    dyp = jnp.concatenate([dy, jnp.zeros((b, D), dy.dtype)])
+    f32 = jnp.float32
+
+    # An expert's windows are consecutive, so its weight gradients are summed in float32
+    # accumulators of ONE expert ([D, F] each) and written, in the weights' dtype, into its
+    # slot after every window: no float32 [E, D, F] buffer is ever held.
+    def body(i, carry):
+        dx, dwg, dwu, dwd, ag, au, ad = carry
+        r0, e = row0[i], expert[i]
+        fresh = jnp.logical_or(i == 0, expert[jnp.maximum(i - 1, 0)] != e)
+        keep = ((r0 + jnp.arange(b)) < end[i])[:, None]
+        xs = jax.lax.dynamic_slice_in_dim(xp, r0, b)
+        dys = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dyp, r0, b), 0)
+        g = jax.lax.dynamic_slice_in_dim(gate, r0, b)
+        u = jax.lax.dynamic_slice_in_dim(up, r0, b)
+        sg = jax.nn.sigmoid(g)
+        act = g * sg  # silu(g)
+        dh = dys @ wd[e].T
+        dg = dh * u * (sg * (1 + g * (1 - sg)))
+        du = dh * act
+        ad = jnp.where(fresh, 0, ad) + jnp.einsum("bf,bd->fd", act * u, dys, preferred_element_type=f32)
+        ag = jnp.where(fresh, 0, ag) + jnp.einsum("bd,bf->df", xs, dg, preferred_element_type=f32)
+        au = jnp.where(fresh, 0, au) + jnp.einsum("bd,bf->df", xs, du, preferred_element_type=f32)
+        dwd = dwd.at[e].set(ad.astype(dwd.dtype))
+        dwg = dwg.at[e].set(ag.astype(dwg.dtype))
+        dwu = dwu.at[e].set(au.astype(dwu.dtype))
+        dxs = dg @ wg[e].T + du @ wu[e].T
+        old = jax.lax.dynamic_slice_in_dim(dx, r0, b)
+        dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(keep, dxs, old), r0, 0)
+        return dx, dwg, dwu, dwd, ag, au, ad
+
+    like = (x, dy, gate, up, wg, wu, wd)
+    init = (_zeros((M + b, D), x.dtype, *like), _zeros(wg.shape, wg.dtype, *like),
+            _zeros(wu.shape, wu.dtype, *like), _zeros(wd.shape, wd.dtype, *like),
+            _zeros(wg.shape[1:], f32, *like), _zeros(wu.shape[1:], f32, *like),
+            _zeros(wd.shape[1:], f32, *like))
+    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, used, body, init)[:4]
+    return (_as_type_of(dx[:M], x), _as_type_of(dwg, wg), _as_type_of(dwu, wu),
+            _as_type_of(dwd, wd), None)
+
+
+_windowed_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def _ragged_dot_matmul(x, w, group_sizes):
     """Rows past sum(group_sizes) (dropped assignments) come out as zeros."""
-
-    def __init__(self, group_sizes, rows: int, n_experts: int):
-        self.group_sizes = group_sizes
-        self.valid = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
-
-    def scatter(self, xs):
-        return xs
-
-    def matmul(self, x, w):
-        return jax.lax.ragged_dot(x, w.astype(x.dtype), self.group_sizes)
-
-    def gather(self, y):
-        return jnp.where(self.valid, y, 0)
-
-
-def _block_size(rows: int, n_experts: int) -> int:
-    mean_group = max(1, rows // n_experts)
-    return int(min(128, max(8, 2 ** int(math.log2(mean_group)))))
-
-
-# Above this many bytes of per-block weight copies ([blocks, D, F]), the blocked backend
-# runs block by block instead of as one batched einsum.
-_GATHER_LIMIT_BYTES = 64 << 20
-
-
-class _Blocked:
-    """Rows [M, D] sorted by expert -> blocks [nb, b, D], each block one expert's. Rows past
-    sum(group_sizes) (dropped assignments) go to a scratch row and come back as zeros.
-
-    Small problems multiply all blocks at once against their experts' weights gathered per
-    block ([nb, D, F]); large ones (at V2's shape those copies would be gigabytes) scan over
-    the blocks, indexing each block's expert in place and skipping blocks past the last
-    row (the worst-case buffers of expert-parallel dropless dispatch are mostly empty)."""
-
-    def __init__(self, group_sizes, rows: int, n_experts: int, block: int | None = None):
-        b = block or _block_size(rows, n_experts)
-        nb = -(-rows // b) + n_experts
-        gs = group_sizes.astype(jnp.int32)
-        padded = (gs + b - 1) // b * b
-        pstart = jnp.cumsum(padded) - padded
-        start = jnp.cumsum(gs) - gs
-        expert_of_row = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(rows), side="right")
-        valid = expert_of_row < n_experts
-        expert_of_row = jnp.minimum(expert_of_row, n_experts - 1)
-        self.dest = jnp.where(valid, pstart[expert_of_row] + jnp.arange(rows) - start[expert_of_row],
-                              nb * b)
-        block_start = jnp.arange(nb) * b
-        self.block_expert = jnp.minimum(
-            jnp.searchsorted(jnp.cumsum(padded), block_start, side="right"), n_experts - 1)
-        self.b, self.nb = b, nb
-        self.used = block_start < jnp.sum(padded)
-
-    def scatter(self, xs):
-        xp = jnp.zeros((self.nb * self.b + 1, xs.shape[-1]), xs.dtype).at[self.dest].set(xs)
-        return xp[:-1].reshape(self.nb, self.b, xs.shape[-1])
-
-    def matmul(self, x, w):
-        w = w.astype(x.dtype)
-        if self.nb * w.shape[1] * w.shape[2] * w.dtype.itemsize <= _GATHER_LIMIT_BYTES:
-            return jnp.einsum("nbd,ndf->nbf", x, w[self.block_expert])
-
-        # Rematerialised: otherwise autodiff keeps every block's slice of the weights as a
-        # residual, the [nb, D, F] copy this path exists to avoid.
-        @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-        def block(_, args):
-            xb, e, used = args
-            # The empty branch is built from both operands so that, inside shard_map, it
-            # varies over the same mesh axes as the product.
-            y = jax.lax.cond(used, lambda: xb @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False),
-                             lambda: (xb[:, :1] * 0) @ (w[0, :1] * 0))
-            return None, y
-
-        _, y = jax.lax.scan(block, None, (x, self.block_expert, self.used))
-        return y
-
-    def gather(self, y):
-        flat = y.reshape(self.nb * self.b, y.shape[-1])
-        return jnp.concatenate([flat, jnp.zeros((1, y.shape[-1]), y.dtype)])[self.dest]
-
-
-_BACKENDS = {"ragged_dot": _RaggedDot, "blocked": _Blocked}
+    y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+    return jnp.where((jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None], y, 0)
 
 
 def expert_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str):
     """SwiGLU of each row with its expert's weights. xs [M, D] sorted by expert,
     group_sizes [E] (sum <= M; rows past the sum give zeros), w_gate/w_up [E, D, F],
     w_down [E, F, D] -> [M, D]."""
-    plan = _BACKENDS[backend](group_sizes, xs.shape[0], w_gate.shape[0])
-    xp = plan.scatter(xs)
-    h = jax.nn.silu(plan.matmul(xp, w_gate)) * plan.matmul(xp, w_up)
-    return plan.gather(plan.matmul(h, w_down))
+    if backend == "blocked":
+        dt = xs.dtype
+        return _windowed_swiglu(xs, w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt), group_sizes,
+                                window_rows(xs.shape[0], w_gate.shape[0]))
+    if backend != "ragged_dot":
+        raise ValueError(f"unknown grouped-matmul backend {backend!r}")
+    mm = _ragged_dot_matmul
+    h = jax.nn.silu(mm(xs, w_gate, group_sizes)) * mm(xs, w_up, group_sizes)
+    return mm(h, w_down, group_sizes)
+
+
+# ---------------------------------------------------------------------------------------
+# Rows between token order and expert order, by gathers in both directions.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _expand(x, order, pos, K: int):
+    """x [T, D] -> rows [T*K, D] in expert order: row j is token order[j] // K."""
+    return x[order // K]
+
+
+def _expand_fwd(x, order, pos, K):
+    return x[order // K], (order, pos, x.shape[0])
+
+
+def _expand_bwd(K, res, d):
+    order, pos, T = res
+    # Token t's gradient: the sum of its K rows, found through the inverse permutation.
+    return d[pos].reshape(T, K, -1).sum(axis=1), None, None
+
+
+_expand.defvjp(_expand_fwd, _expand_bwd)
+
+
+@jax.custom_vjp
+def _unsort(ys, order, pos):
+    """ys [T*K, D] in expert order -> token-major order: row a is ys[pos[a]]."""
+    return ys[pos]
+
+
+def _unsort_fwd(ys, order, pos):
+    return ys[pos], (order, pos)
+
+
+def _unsort_bwd(res, d):
+    order, pos = res
+    return d[order], None, None
+
+
+_unsort.defvjp(_unsort_fwd, _unsort_bwd)
+
+
+def _by_expert(topk_idx, n_experts: int, keep=None):
+    """(order, pos, group_sizes) of the T*K assignment rows: `order` sorts them by expert
+    (dropped ones, and ids >= E, last), `pos` is its inverse."""
+    flat = topk_idx.reshape(-1)
+    if keep is not None:
+        flat = jnp.where(keep.reshape(-1), flat, n_experts)  # dropped rows sort past every group
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    pos = jnp.zeros_like(order).at[order].set(jnp.arange(flat.shape[0], dtype=jnp.int32))
+    return order, pos, jnp.bincount(flat, length=n_experts + 1)[:n_experts]
+
+
+def _combine(ys, order, pos, topk_weight, dtype):
+    """Expert-order results ys [T*K, D] -> sum_k weight[t, k] * row (t, k): [T, D]."""
+    T, K = topk_weight.shape
+    y = _unsort(ys, order, pos).reshape(T, K, -1)
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), topk_weight).astype(dtype)
 
 
 def routed_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str, keep=None):
     """Routed-expert output: x [T, D], topk_idx/weight [T, K] -> [T, D]. Dropless unless
-    `keep` [T, K] marks assignments removed by token dropping (they are not computed)."""
-    T, D = x.shape
+    `keep` [T, K] marks assignments removed by token dropping (they are not computed; ids
+    >= E are treated the same way)."""
     K = topk_idx.shape[1]
-    E = w_gate.shape[0]
-    flat = topk_idx.reshape(-1)
-    if keep is not None:
-        flat = jnp.where(keep.reshape(-1), flat, E)  # dropped rows sort last, past every group
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=E + 1)[:E]
-    ys = expert_ffn(x[order // K], group_sizes, w_gate, w_up, w_down, backend)
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(T, K, D)
-    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), topk_weight).astype(x.dtype)
+    order, pos, group_sizes = _by_expert(topk_idx, w_gate.shape[0], keep)
+    ys = expert_ffn(_expand(x, order, pos, K), group_sizes, w_gate, w_up, w_down, backend)
+    return _combine(ys, order, pos, topk_weight, x.dtype)
+
+
+def routed_experts_stacked(x, topk_idx, topk_weight, w_gate, w_up, w_down, layer):
+    """`routed_experts` (dropless, forward only) with the experts of layer `layer` of a
+    segment's stacks w_gate / w_up [L, E, D, F], w_down [L, E, F, D], each chosen expert
+    read once, in place (for decode, where reading the weights is the cost)."""
+    K = topk_idx.shape[1]
+    order, pos, group_sizes = _by_expert(topk_idx, w_gate.shape[1])
+    ys = windowed_swiglu_stacked(x[order // K], w_gate, w_up, w_down, layer, group_sizes)
+    return _combine(ys, order, pos, topk_weight, x.dtype)
