@@ -71,7 +71,10 @@ def test_two_processes_equal_one_process_and_resume_on_another_mesh(tmp_path):
     print(f"two-process vs one-process loss difference: {diff:.2e}")
     run = json.load(open(two / "run.json"))
     assert run["process_count"] == 2
-    assert sorted(os.listdir(two)) == ["checkpoints", "config.json", "metrics.jsonl", "run.json"]
+    assert sorted(os.listdir(two)) == ["checkpoints", "config.json", "metrics.jsonl", "run.json",
+                                       "tensorboard"]
+    # TensorBoard events from process 0 only: one file per run (the first and the resume).
+    assert len([f for f in os.listdir(two / "tensorboard") if "tfevents" in f]) == 2
     # Another process count is refused in one line, and nothing changes.
     r = subprocess.run([sys.executable, "-m", "dsv2_jax.cli", "train", "--workdir", str(two), *ARGS,
                         "--steps", "6", "--mesh", "data=2,expert=4"],

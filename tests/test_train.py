@@ -261,3 +261,23 @@ def test_resume_with_other_data_settings_is_refused(tmp_path):
     train(TrainArgs(workdir=wd, steps=1, checkpoint_every=1, **SMALL))
     with pytest.raises(TrainingError, match="other data settings.*--seq-len 64"):
         train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1, **dict(SMALL, seq_len=32)))
+
+
+def test_tensorboard_scalars_and_a_profile_trace(tmp_path):
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=4, profile_steps="2:3", **SMALL))
+    events = [f for f in os.listdir(os.path.join(wd, "tensorboard")) if "tfevents" in f]
+    assert len(events) == 1
+    data = open(os.path.join(wd, "tensorboard", events[0]), "rb").read()
+    for tag in (b"train/loss", b"train/lr", b"train/tokens_per_sec", b"train/load_max_over_mean"):
+        assert tag in data, tag
+    traces = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(wd, "profile")) for f in fs]
+    assert any(f.endswith(".xplane.pb") and os.path.getsize(f) > 0 for f in traces), traces
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]  # tracing loses no step
+
+
+def test_bad_profile_steps_are_refused(tmp_path):
+    with pytest.raises(TrainingError, match="--profile-steps"):
+        train(TrainArgs(workdir=str(tmp_path / "run"), steps=4, profile_steps="3:2", **SMALL))
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")

@@ -53,6 +53,9 @@ def add_cli(sub) -> None:
                    help="print a progress line every this many steps (when not on a terminal)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for the MFU estimate (default: known for the device)")
+    p.add_argument("--profile-steps", default=None, metavar="A:B",
+                   help="write a profiler trace (TensorBoard / Perfetto) of steps A..B into "
+                        "WORKDIR/profile")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     _add_process_flags(p)
     p.set_defaults(func=run_train)

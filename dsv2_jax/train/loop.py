@@ -73,6 +73,7 @@ class TrainArgs:
     mesh: str | None = None
     master_dtype: str | None = None  # parameter + optimizer dtype; default float32
     log_every: int = 10
+    profile_steps: str | None = None  # "A:B": a profiler trace of steps A..B into workdir/profile
     peak_tflops: float | None = None
     stop_after: int | None = None  # stop (with a checkpoint) after this step; for tests
     # Multi-process runs (explicit; TPU pods and SLURM are detected): see sharding/hosts.py.
@@ -198,6 +199,7 @@ def _check_args(args: TrainArgs) -> None:
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if args.schedule not in ("step", "cosine", "constant"):
         raise TrainingError(f"--schedule: unknown {args.schedule!r}; expected step|cosine|constant")
+    _parse_profile_steps(args.profile_steps, 0)
 
 
 def _check_resume(args: TrainArgs) -> dict | None:
@@ -370,17 +372,38 @@ def train(args: TrainArgs, log=print) -> dict:
                       mesh, state_sh, rep, bsh, log)
 
 
+def _parse_profile_steps(spec: str | None, step0: int) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    a, sep, b = spec.partition(":")
+    try:
+        first, last = int(a), int(b) if sep else int(a)
+    except ValueError:
+        raise TrainingError(f"--profile-steps {spec!r}: expected A:B (steps to trace)") from None
+    if not 1 <= first <= last:
+        raise TrainingError(f"--profile-steps {spec!r}: expected 1 <= A <= B")
+    return (max(first, step0 + 1), last)
+
+
 def _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter, ckpts, mesh,
                state_sh, rep, bsh, log) -> dict:
+    """The step loop. The host never waits for a step it does not need to: batch i+1 is read
+    and placed by the prefetch thread while step i runs, and step i's metrics are read back
+    after step i+1 is dispatched; only a step that ends in a checkpoint (or a trace boundary,
+    or the end) is waited for before the next is dispatched."""
+    from dsv2_jax.sharding.hosts import is_primary
+    from dsv2_jax.train.prefetch import Prefetcher
+
     step_fn = jax.jit(make_train_step(fns, cfg, tx, schedule, args.grad_accum), donate_argnums=0,
                       out_shardings=(state_sh, rep))
     tokens_per_step = args.batch_size * args.seq_len
     flops_tok = M.train_flops_per_token(cfg, args.seq_len)
     peak = (args.peak_tflops * 1e12 if args.peak_tflops else M.peak_flops_per_device(cfg.dtype))
     peak = peak * jax.device_count() if peak else None
-    from dsv2_jax.sharding.hosts import is_primary
-
-    mlog = M.MetricsLog(os.path.join(args.workdir, "metrics.jsonl"), step0, enabled=is_primary())
+    profile = _parse_profile_steps(args.profile_steps, step0)
+    primary = is_primary()
+    mlog = M.MetricsLog(os.path.join(args.workdir, "metrics.jsonl"), step0, enabled=primary)
+    board = M.TensorBoard(os.path.join(args.workdir, "tensorboard"), enabled=primary)
     progress = None
     consecutive_bad, rec = 0, {}
     # SIGTERM / a first Ctrl-C ask for a checkpoint at the next step boundary and a clean stop
@@ -393,6 +416,36 @@ def _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter,
             raise KeyboardInterrupt
         interrupted.append(signal.Signals(signum).name)
 
+    def place(batch):
+        return {k: jax.make_array_from_process_local_data(bsh, v) for k, v in batch.items()
+                if k != "num_bytes"}
+
+    last_done = [time.perf_counter()]
+
+    def record(step: int, m) -> dict:
+        """Reads a step's metrics back (waiting for that step only) and writes them."""
+        nonlocal consecutive_bad
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        dt, last_done[0] = now - last_done[0], now
+        r = {"step": step, **{k: float(v) for k, v in m.items()
+                              if k not in ("finite", "ce_sum", "nonfinite_total")},
+             "finite": bool(m["finite"]), "step_time": dt, "tokens_per_sec": tokens_per_step / dt,
+             "nonfinite_total": int(m["nonfinite_total"])}
+        r["mfu"] = (flops_tok * tokens_per_step / dt / peak) if peak else None
+        mlog.write(r)
+        board.write(r)
+        progress.update(r)
+        consecutive_bad = 0 if r["finite"] else consecutive_bad + 1
+        if consecutive_bad >= args.max_nonfinite:
+            ckpts.wait()
+            kept = ckpts.steps()
+            raise TrainingError(
+                f"loss or gradients were non-finite for {consecutive_bad} consecutive steps "
+                f"(up to step {step}); stopping. Updates of those steps were skipped; the last "
+                f"good checkpoint is step {kept[-1] if kept else 'none'} in {ckpts.directory}")
+        return r
+
     # Signal handlers can only be installed from the main thread (train() may run elsewhere,
     # e.g. in a notebook worker thread; there signals keep their default behaviour).
     old_handlers = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -400,52 +453,61 @@ def _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter,
     # Under the mesh: the MoE layers see its `expert` axis and dispatch over it.
     mesh_ctx = jax.set_mesh(mesh)
     mesh_ctx.__enter__()
+    batches = Prefetcher(data_iter, place)
+    pending = None  # (step, metrics) dispatched and not yet read back
+    tracing = False
     try:
         step = step0
         while step < last_stop:
-            batch = next(data_iter)
-            batch = {k: jax.make_array_from_process_local_data(bsh, v)
-                     for k, v in batch.items() if k != "num_bytes"}
+            batch = next(batches)
             if progress is None:
                 log("compiling the training step...")
                 t0 = time.perf_counter()
                 step_fn = step_fn.lower(state, batch).compile()
                 log(f"compiled in {time.perf_counter() - t0:.1f}s; training steps {step0 + 1}..{last_stop}")
-                progress = M.Progress(step0, args.steps, args.log_every, enabled=is_primary())
-            t0 = time.perf_counter()
+                progress = M.Progress(step0, args.steps, args.log_every, enabled=primary)
+                last_done[0] = time.perf_counter()
+            if profile and step + 1 == profile[0] and not tracing:
+                if pending:
+                    rec, pending = record(*pending), None
+                jax.profiler.start_trace(os.path.join(args.workdir, "profile"))
+                tracing = True
             state, m = step_fn(state, batch)
-            m = jax.device_get(m)
-            dt = time.perf_counter() - t0
             step += 1
-            rec = {"step": step, **{k: float(v) for k, v in m.items()
-                                    if k not in ("finite", "ce_sum", "nonfinite_total")},
-                   "finite": bool(m["finite"]), "step_time": dt, "tokens_per_sec": tokens_per_step / dt,
-                   "nonfinite_total": int(m["nonfinite_total"])}
-            rec["mfu"] = (flops_tok * tokens_per_step / dt / peak) if peak else None
-            mlog.write(rec)
-            progress.update(rec)
-            consecutive_bad = 0 if rec["finite"] else consecutive_bad + 1
-            if consecutive_bad >= args.max_nonfinite:
-                ckpts.wait()
-                kept = ckpts.steps()
-                raise TrainingError(
-                    f"loss or gradients were non-finite for {consecutive_bad} consecutive steps "
-                    f"(up to step {step}); stopping. Updates of those steps were skipped; the last "
-                    f"good checkpoint is step {kept[-1] if kept else 'none'} in {ckpts.directory}")
+            if pending:  # the previous step's metrics, while this one runs
+                rec, pending = record(*pending), None
+            pending = (step, m)
+            end_trace = tracing and step >= profile[1]
+            due = step % args.checkpoint_every == 0 or step == last_stop or interrupted or end_trace
+            if not due:
+                continue
+            rec, pending = record(*pending), None
+            if end_trace:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+                log(f"profiler trace of steps {profile[0]}..{step} in {args.workdir}/profile")
+                if step % args.checkpoint_every and step != last_stop and not interrupted:
+                    continue
             # No checkpoint while steps are non-finite: the newest one stays the last good one.
-            due = step % args.checkpoint_every == 0 or step == last_stop or interrupted
-            if due and consecutive_bad == 0:
-                ckpts.save(step, state, data_iter)
+            if consecutive_bad == 0:
+                ckpts.save(step, state, batches.consumed_state())
             if interrupted:
                 saved = "saved step" if consecutive_bad == 0 else "non-finite, not saved: step"
                 log(f"{interrupted[0]}: {saved} {step}, stopping")
                 break
+        if pending:
+            rec = record(*pending)
     finally:
+        batches.close()
+        if tracing:
+            jax.profiler.stop_trace()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
         if progress is not None:
             progress.close()
         mlog.close()
+        board.close()
         ckpts.close()
         mesh_ctx.__exit__(None, None, None)
     return rec

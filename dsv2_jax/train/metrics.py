@@ -78,6 +78,38 @@ class MetricsLog:
             self.f.close()
 
 
+class TensorBoard:
+    """TensorBoard scalars of every step (loss, balance losses, lr, grad norm, tokens/s, MFU,
+    expert load, dropped fraction, rows per token) when tensorboardX is installed (the
+    `tensorboard` extra); metrics.jsonl stays the record either way."""
+
+    KEYS = ("loss", "ce", "expert_loss", "device_loss", "comm_loss", "lr", "grad_norm",
+            "tokens_per_sec", "mfu", "load_max_over_mean", "load_min_over_mean",
+            "dropped_fraction", "rows_per_token")
+
+    def __init__(self, logdir: str, enabled: bool = True):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return
+        self.writer = SummaryWriter(logdir)
+
+    def write(self, rec: dict) -> None:
+        if self.writer is None:
+            return
+        for k in self.KEYS:
+            v = rec.get(k)
+            if v is not None and math.isfinite(v):
+                self.writer.add_scalar(f"train/{k}", v, rec["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 class Progress:
     """A tqdm bar on a terminal; plain lines every `every` steps otherwise."""
 
