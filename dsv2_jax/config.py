@@ -18,7 +18,7 @@ import os
 from importlib import resources
 from typing import Any, Mapping
 
-PRESETS = ("tiny", "v2-lite", "v2")
+PRESETS = ("tiny", "bench", "v2-lite", "v2")
 
 _TOPK_METHODS = ("greedy", "group_limited_greedy")
 _ROPE_TYPES = ("default", "yarn")

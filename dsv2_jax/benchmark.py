@@ -1,0 +1,491 @@
+"""`dsv2 bench`: this project against HF transformers' DeepseekV2ForCausalLM (PyTorch,
+float32, all cores), side by side in one run on the same machine, same config, same weights.
+
+Rows (the `bench` preset: hidden 1024, 4 layers with the first dense, 8 heads, kv_lora 256,
+32 routed experts top-6 + 2 shared, vocab 32000):
+
+    ceilings      float32 matmul GFLOP/s (a large square product), memory read GB/s
+    train         tokens/s of one optimizer step (batch 4 x 512: loss + balance losses +
+                  router statistics, AdamW, clipping), MFU against the matmul ceiling
+    prefill       tokens/s of the forward pass (batch 4 x 512)
+    decode        decode-only tokens/s (time for n+1 new tokens minus time for 1) at batch 1
+                  with a 256-token prompt and batch 4 with 2048-token prompts, each against
+                  its memory bound: the bytes one step must read (the weights of the experts
+                  the tokens use, every other weight, the latent cache) over the read ceiling
+    moe           one MoE layer (forward + backward, 2048 tokens) against a dense SwiGLU of the
+                  same active FLOPs
+    compile       one training step of the full 60-layer `v2` preset from abstract shapes,
+                  and of a 4-layer cut of it: compile time does not grow with depth
+    memory        peak resident memory each side adds while it runs (sampled)
+
+Machines are noisy: each row alternates ours and theirs and reports the median of rounds;
+only ratios from one run are comparable. Results go to the terminal and, unless --no-doc, to
+docs/benchmarks.md between the `dsv2 bench` markers, with the command and the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+
+DOC_BEGIN = "<!-- dsv2 bench: begin -->"
+DOC_END = "<!-- dsv2 bench: end -->"
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and models.
+
+
+def bench_config(quick: bool = False):
+    """The bench preset (or, with quick, a toy cut of it for a smoke run), float32."""
+    from dsv2_jax.config import load_config
+
+    cfg = load_config("bench", dtype="float32", param_dtype="float32", eos_token_id=None,
+                      bos_token_id=None)
+    if quick:
+        cfg = cfg.replace(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                          kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                          n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                          max_position_embeddings=512)
+    return cfg
+
+
+def hf_config(cfg):
+    """The transformers config of one of ours."""
+    from transformers import DeepseekV2Config as HFConfig
+
+    d = cfg.to_hf_dict()
+    rs = d.pop("rope_scaling")
+    rope = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
+    if rs:
+        rope.update({k: v for k, v in rs.items() if k != "type"}, rope_type=rs["type"])
+    keep = {k: v for k, v in d.items() if k not in ("architectures", "model_type", "dsv2_jax", "torch_dtype",
+                                                    "ep_size", "moe_layer_freq", "scoring_func",
+                                                    "aux_loss_alpha", "seq_aux")}
+    hf = HFConfig(**keep, rope_parameters=rope)
+    hf._attn_implementation = "eager"
+    return hf
+
+
+def models(cfg):
+    """(HF model, our model with the same weights: through save_pretrained/from_pretrained)."""
+    import tempfile
+
+    import torch
+    from transformers import DeepseekV2ForCausalLM
+
+    from dsv2_jax import from_pretrained
+
+    torch.manual_seed(0)
+    hf = DeepseekV2ForCausalLM(hf_config(cfg)).float()
+    knobs = {k: getattr(cfg, k) for k in ("scan_unroll", "attn_impl", "moe_backend", "ce_chunk", "remat")}
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = from_pretrained(d, dtype="float32", **knobs)  # the runtime knobs of the preset
+    return hf, ours
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring.
+
+
+class PeakRSS:
+    """Peak resident memory added while the block runs, sampled every 5 ms."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+
+    def __enter__(self):
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+                time.sleep(0.005)
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def added_mb(self) -> float:
+        return (self.peak - self.base) / 1e6
+
+
+def ceilings(quick: bool) -> dict:
+    """float32 matmul GFLOP/s and memory read GB/s, measured with JAX on this machine."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 512 if quick else 2048
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    mm(a).block_until_ready()
+    best = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(3 if quick else 5))
+    elems = (8 << 20) if quick else (256 << 20)  # 1 GB of float32
+    big = jnp.ones((elems,), jnp.float32)
+    rd = jax.jit(lambda x: jnp.sum(x))
+    rd(big).block_until_ready()
+    read = min(_timed(lambda: rd(big).block_until_ready()) for _ in range(3 if quick else 5))
+    return {"matmul_gflops": 2 * n ** 3 / best / 1e9, "read_gbps": elems * 4 / read / 1e9}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _alternate(ours, theirs, rounds: int):
+    """Median seconds of each over `rounds` alternating rounds (after one warm-up each)."""
+    ours(), theirs()
+    o, h = [], []
+    for _ in range(rounds):
+        o.append(_timed(ours))
+        h.append(_timed(theirs))
+    return statistics.median(o), statistics.median(h)
+
+
+def _batch(cfg, B, T, seed=0):
+    import jax.numpy as jnp
+
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (B, T + 1))
+    return ids, {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
+                 "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+                 "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.int32)}
+
+
+def bench_train(cfg, hf, model, B, T, steps, rounds, peak) -> dict:
+    import jax
+    import torch
+
+    from dsv2_jax.train.metrics import train_flops_per_token
+    from dsv2_jax.train.optim import lr_schedule, make_optimizer
+    from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
+
+    ids, batch = _batch(cfg, B, T)
+    fns = ModelFns.from_model(model)
+    sched = lr_schedule(1e-4, 1000, 0, "constant")
+    tx = make_optimizer(sched)
+    step = jax.jit(make_train_step(fns, cfg, tx, sched), donate_argnums=0)
+    holder = {"state": init_state(jax.tree.map(lambda a: a.copy(), params_of(model)), tx)}
+    hf.train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    tids = torch.as_tensor(ids[:, :T], dtype=torch.long)
+
+    def ours():
+        for _ in range(steps):
+            holder["state"], m = step(holder["state"], batch)
+        jax.block_until_ready(m["loss"])
+
+    def theirs():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            out = hf(tids, labels=tids)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            opt.step()
+
+    with PeakRSS() as mo:
+        ours()
+    with PeakRSS() as mh:
+        theirs()
+    o, h = _alternate(ours, theirs, rounds)
+    tok = B * T * steps
+    flops = train_flops_per_token(cfg, T)
+    return {"ours_tok_s": tok / o, "hf_tok_s": tok / h, "ratio": h / o,
+            "ours_mfu": flops * tok / o / peak, "hf_mfu": flops * tok / h / peak,
+            "ours_peak_mb": mo.added_mb, "hf_peak_mb": mh.added_mb}
+
+
+def bench_prefill(cfg, hf, model, B, T, rounds) -> dict:
+    import jax
+    import torch
+    from flax import nnx
+
+    ids, batch = _batch(cfg, B, T, seed=1)
+    fwd = nnx.jit(lambda m, x: m(x))
+    hf.eval()
+    tids = torch.as_tensor(ids[:, :T], dtype=torch.long)
+
+    def ours():
+        jax.block_until_ready(fwd(model, batch["inputs"]))
+
+    def theirs():
+        with torch.no_grad():
+            hf(tids)
+
+    with PeakRSS() as mo:
+        ours()
+    with PeakRSS() as mh:
+        theirs()
+    o, h = _alternate(ours, theirs, rounds)
+    return {"ours_tok_s": B * T / o, "hf_tok_s": B * T / h, "ratio": h / o,
+            "ours_peak_mb": mo.added_mb, "hf_peak_mb": mh.added_mb}
+
+
+def decode_bytes_per_step(cfg, B: int, S: int, dtype_bytes: int = 4) -> float:
+    """What one decode step of B rows at cache length S must read: every weight but the
+    routed experts and the input embedding, the experts the B tokens use (on average
+    E (1 - (1 - K/E)^B) per MoE layer), the latent cache."""
+    from dsv2_jax.params import count_params
+
+    total, active = count_params(cfg)
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    D, F = cfg.hidden_size, cfg.moe_intermediate_size
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    per_expert = 3 * D * F
+    dense = active - moe_layers * K * per_expert  # active per token, minus its routed experts
+    used = E * (1 - (1 - K / E) ** B)
+    cache = B * S * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
+    return (dense + moe_layers * used * per_expert + cache) * dtype_bytes
+
+
+def bench_decode(cfg, hf, model, B, T, new, rounds, read_gbps) -> dict:
+    import torch
+
+    from dsv2_jax.generation import generate
+
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+    tids = torch.as_tensor(ids, dtype=torch.long)
+    hf.eval()
+
+    def ours(n):
+        return _timed(lambda: generate(model, ids, n))
+
+    def theirs(n):
+        with torch.no_grad():
+            return _timed(lambda: hf.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=n,
+                                              min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                              pad_token_id=0))
+
+    with PeakRSS() as mo:
+        ours(1), ours(new + 1)  # compiles (one bucket)
+    with PeakRSS() as mh:
+        theirs(1)
+    o, h = [], []
+    for _ in range(rounds):
+        o.append(ours(new + 1) - ours(1))
+        h.append(theirs(new + 1) - theirs(1))
+    o, h = statistics.median(o), statistics.median(h)
+    tok = B * new
+    bound = B * read_gbps * 1e9 / decode_bytes_per_step(cfg, B, T + new // 2)
+    return {"ours_tok_s": tok / o, "hf_tok_s": tok / h, "ratio": h / o, "bound_tok_s": bound,
+            "ours_of_bound": tok / o / bound, "ours_peak_mb": mo.added_mb, "hf_peak_mb": mh.added_mb}
+
+
+def bench_moe(cfg, T, rounds) -> dict:
+    """One MoE layer against a dense SwiGLU of the same active FLOPs (width (K + shared) * F),
+    forward + backward, T tokens, both compiled by XLA here."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv2_jax.layers import MLP
+    from dsv2_jax.moe import MoE
+
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    width = (cfg.num_experts_per_tok + (cfg.n_shared_experts or 0)) * cfg.moe_intermediate_size
+    dense = MLP(cfg.hidden_size, width, rngs=nnx.Rngs(1), std=0.02, dtype=jnp.float32, param_dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (1, T, cfg.hidden_size), jnp.float32)
+
+    @nnx.jit
+    def g_moe(m, x):
+        return nnx.grad(lambda m, x: jnp.sum(m(x, train=True)[0] ** 2), argnums=(0, 1))(m, x)
+
+    @nnx.jit
+    def g_dense(m, x):
+        return nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=(0, 1))(m, x)
+
+    def run(f, m):
+        return lambda: jax.block_until_ready(f(m, x))
+
+    o, d = _alternate(run(g_moe, moe), run(g_dense, dense), rounds)
+    return {"moe_ms": o * 1e3, "dense_ms": d * 1e3, "ratio": o / d}
+
+
+def bench_compile(quick: bool) -> dict:
+    """Compile seconds of one train step of the v2 preset from abstract shapes (nothing is
+    allocated), at full depth and cut to 4 layers."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv2_jax.checkpoint.hf import abstract_model
+    from dsv2_jax.config import load_config
+    from dsv2_jax.train.optim import make_optimizer
+    from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
+
+    out = {}
+    base = load_config("tiny" if quick else "v2").replace(dtype="bfloat16", remat="full", param_dtype="float32")
+    for layers in sorted({min(4, base.num_hidden_layers // 2) if quick else 4, base.num_hidden_layers}):
+        cfg = base.replace(num_hidden_layers=layers)
+        m = abstract_model(cfg)
+        tx = make_optimizer(lambda s: 1e-3)
+        state = jax.eval_shape(lambda p: init_state(p, tx), params_of(m))
+        batch = {k: jax.ShapeDtypeStruct((1, 512), jnp.int32)
+                 for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+        step = jax.jit(make_train_step(ModelFns.from_model(m), cfg, tx, lambda s: 1e-3), donate_argnums=0)
+        t = time.perf_counter()
+        step.lower(state, batch).compile()
+        out[f"{layers}_layers_s"] = time.perf_counter() - t
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting.
+
+
+TARGETS = {"train": 1.5, "prefill": 1.2, "decode_1x256": 1.5, "decode_4x2048": 10.0}
+
+
+def machine() -> str:
+    import jax
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
+
+
+def table(res: dict) -> str:
+    c = res.get("ceilings", {})
+    lines = ["| row | dsv2_jax | transformers | ratio | target | notes |", "|---|---|---|---|---|---|"]
+    if c:
+        lines.append(f"| ceilings | {c['matmul_gflops']:.0f} GFLOP/s f32 matmul, {c['read_gbps']:.1f} GB/s read | | | | measured here |")
+    if "train" in res:
+        r = res["train"]
+        lines.append(f"| train ({r.get('shape', '4 x 512')}) | {r['ours_tok_s']:.0f} tok/s, MFU {r['ours_mfu']:.0%} | "
+                     f"{r['hf_tok_s']:.0f} tok/s, MFU {r['hf_mfu']:.0%} | {r['ratio']:.2f}x | >= 1.5x, MFU >= 65% | "
+                     f"peak +{r['ours_peak_mb']:.0f} MB vs +{r['hf_peak_mb']:.0f} MB |")
+    if "prefill" in res:
+        r = res["prefill"]
+        lines.append(f"| prefill ({r.get('shape', '4 x 512')}) | {r['ours_tok_s']:.0f} tok/s | {r['hf_tok_s']:.0f} tok/s | "
+                     f"{r['ratio']:.2f}x | >= 1.2x | peak +{r['ours_peak_mb']:.0f} MB vs +{r['hf_peak_mb']:.0f} MB |")
+    for key, name, target in (("decode_1x256", "batch 1, 256 prompt", ">= 1.5x, >= 75% of bound"),
+                              ("decode_4x2048", "batch 4, 2048 prompt", ">= 10x")):
+        if key in res:
+            r = res[key]
+            lines.append(f"| decode {r.get('shape', name)} | {r['ours_tok_s']:.1f} tok/s ({r['ours_of_bound']:.0%} of the "
+                         f"{r['bound_tok_s']:.0f} tok/s bound) | {r['hf_tok_s']:.1f} tok/s | {r['ratio']:.2f}x | "
+                         f"{target} | peak +{r['ours_peak_mb']:.0f} MB vs +{r['hf_peak_mb']:.0f} MB |")
+    if "moe" in res:
+        r = res["moe"]
+        lines.append(f"| MoE layer vs dense SwiGLU, same active FLOPs (fwd+bwd) | {r['moe_ms']:.0f} ms vs "
+                     f"{r['dense_ms']:.0f} ms | | {r['ratio']:.2f}x | <= 1.5x | |")
+    if "compile" in res:
+        r = res["compile"]
+        by_depth = sorted((int(k.split("_")[0]), v) for k, v in r.items())
+        lines.append("| v2 train-step compile (abstract) | " + ", ".join(
+            f"{v:.0f} s ({n} layers)" for n, v in reversed(by_depth)) + " | | | < 120 s | |")
+    return "\n".join(lines)
+
+
+def write_doc(path: str, res: dict, command: str) -> None:
+    block = (f"{DOC_BEGIN}\n`{command}`, {time.strftime('%Y-%m-%d')}, {machine()}:\n\n{table(res)}\n\n"
+             f"Raw figures: `{json.dumps(res, sort_keys=True)}`\n{DOC_END}")
+    text = open(path).read() if os.path.exists(path) else "# Measured figures\n"
+    if DOC_BEGIN in text and DOC_END in text:
+        a, b = text.index(DOC_BEGIN), text.index(DOC_END) + len(DOC_END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip() + "\n\n## `dsv2 bench` (side by side with transformers)\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+ROWS = ("ceilings", "train", "prefill", "decode", "moe", "compile")
+
+
+def run(a) -> dict:
+    import jax
+
+    quick = a.quick
+    cfg = bench_config(quick)
+    res: dict = {}
+    only = set(a.only.split(",")) if a.only else set(ROWS)
+    res["ceilings"] = ceilings(quick)
+    print(f"ceilings: {res['ceilings']}", flush=True)
+    peak = res["ceilings"]["matmul_gflops"] * 1e9
+    hf, model = models(cfg) if only & {"train", "prefill", "decode"} else (None, None)
+    B, T = (2, 32) if quick else (4, 512)
+    rounds = 1 if quick else a.rounds
+    if "train" in only:
+        res["train"] = bench_train(cfg, hf, model, B, T, 1 if quick else a.steps, rounds, peak)
+        res["train"]["shape"] = f"{B} x {T}"
+        print(f"train: {res['train']}", flush=True)
+    if "prefill" in only:
+        res["prefill"] = bench_prefill(cfg, hf, model, B, T, rounds)
+        res["prefill"]["shape"] = f"{B} x {T}"
+        print(f"prefill: {res['prefill']}", flush=True)
+    if "decode" in only:
+        new = 8 if quick else a.new
+        for (b, t), key in (((1, 32 if quick else 256), "decode_1x256"), ((4 if not quick else 2, 64 if quick else 2048),
+                                                                         "decode_4x2048")):
+            res[key] = bench_decode(cfg, hf, model, b, t, new, rounds, res["ceilings"]["read_gbps"])
+            res[key]["shape"] = f"batch {b}, {t} prompt"
+            print(f"{key}: {res[key]}", flush=True)
+    if "moe" in only:
+        res["moe"] = bench_moe(cfg, 256 if quick else 2048, max(3, rounds))
+        print(f"moe: {res['moe']}", flush=True)
+    if "compile" in only:
+        res["compile"] = bench_compile(quick)
+        print(f"compile: {res['compile']}", flush=True)
+    del jax
+    return res
+
+
+def add_cli(sub) -> None:
+    from dsv2_jax.cli import HelpFormatter
+
+    p = sub.add_parser("bench", help="speed side by side with HF transformers (needs torch)",
+                       formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default=None, help=f"comma-separated rows of {','.join(ROWS)} (default: all)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per row (median reported)")
+    p.add_argument("--steps", type=int, default=2, help="train steps per round")
+    p.add_argument("--new", type=int, default=64, help="decode: new tokens timed per case")
+    p.add_argument("--quick", action="store_true", help="a toy config, seconds: a smoke run")
+    p.add_argument("--doc", default="docs/benchmarks.md",
+                   help="markdown file whose `dsv2 bench` block is replaced with the results")
+    p.add_argument("--no-doc", action="store_true", help="print only")
+    p.set_defaults(func=main)
+
+
+def main(a) -> int:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"dsv2 bench compares against HF transformers: install torch==2.13.0 and "
+                         f"transformers ({e})") from None
+    res = run(a)
+    print()
+    print(table(res))
+    if not a.no_doc and not a.quick:
+        command = "dsv2 bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "dsv2 bench"
+        write_doc(a.doc, res, command.strip())
+        print(f"\nwritten to {a.doc}")
+    return 0
+
