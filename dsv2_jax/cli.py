@@ -13,6 +13,8 @@ _COMMAND_MODULES = (
     "dsv2_jax.train.cli",
     "dsv2_jax.checkpoint.convert",
     "dsv2_jax.cli_generate",
+    "dsv2_jax.cli_plan",
+    "dsv2_jax.benchmark",
 )
 
 

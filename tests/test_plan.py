@@ -1,0 +1,170 @@
+"""`dsv2 plan` (dsv2_jax/plan.py) against the compiler.
+
+The real train step is compiled from abstract shapes on 8 simulated CPU devices (in a
+subprocess, as scripts/memory_figures.py does) and its `memory_analysis()` read: arguments +
+temporaries (the donated state's outputs alias its arguments). The planner, run for the same
+config, mesh and batch with the `cpu` target, must agree with that per-device total within
+15%, and its parameter and optimizer bytes must equal the compiled arguments'."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dsv2_jax import load_config
+from dsv2_jax.plan import GB, format_plan, make_plan, max_batch, mesh_sizes, token_shards
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# A small model of V2's proportions (16 experts, top-4, MLA with a q latent).
+SMALL = dict(hidden_size=512, vocab_size=8192, intermediate_size=1536, moe_intermediate_size=256,
+             n_routed_experts=16, num_experts_per_tok=4, num_attention_heads=8,
+             num_key_value_heads=8, kv_lora_rank=128, q_lora_rank=256, qk_rope_head_dim=32,
+             qk_nope_head_dim=64, v_head_dim=64, topk_method="greedy", num_device_groups=0,
+             max_devices_per_token=0, scan_unroll=1)
+
+# (config, overrides, mesh, global batch, sequence length); bf16 compute, float32 master.
+PAIRS = [
+    ("v2-lite", dict(num_hidden_layers=4, remat="full"), "fsdp=8", 8, 256),
+    ("v2-lite", dict(num_hidden_layers=2, remat="full"), "data=2,expert=4", 8, 256),
+    ("v2-lite", dict(num_hidden_layers=2, remat="none"), "fsdp=4,tensor=2", 8, 256),
+    ("tiny", dict(SMALL, num_hidden_layers=3, remat="full"), "fsdp=2,expert=2,tensor=2", 8, 256),
+    ("tiny", dict(SMALL, num_hidden_layers=4, remat="dots"), "fsdp=8", 8, 256),
+]
+
+_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from memory_figures import compile_step
+from dsv2_jax import load_config
+for name, overrides, mesh, batch, seq in json.loads(sys.argv[2]):
+    cfg = load_config(name).replace(dtype="bfloat16", **overrides)
+    print(json.dumps(compile_step(cfg, mesh, batch, seq)), flush=True)
+"""
+
+
+def _cfg(name, overrides):
+    return load_config(name).replace(dtype="bfloat16", **overrides)
+
+
+def _label(name, overrides):
+    what = "small" if name == "tiny" else name
+    return f"{what}, {overrides['num_hidden_layers']} layers, remat {overrides['remat']}"
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", _CHILD, os.path.join(ROOT, "scripts"), json.dumps(PAIRS)],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(s) for s in r.stdout.splitlines() if s.startswith("{")]
+    assert len(rows) == len(PAIRS)
+    print(f"\ncompiled {len(rows)} train steps in {time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+def _compare(compiled):
+    out = []
+    for (name, overrides, mesh, batch, seq), m in zip(PAIRS, compiled):
+        plan = make_plan(_cfg(name, overrides), mesh, batch, seq, target="cpu")
+        measured = m["peak_gb"] * GB  # arguments + outputs - aliased + temporaries
+        out.append((name, overrides, mesh, batch, seq, plan, m, measured))
+    return out
+
+
+@pytest.mark.slow
+def test_planner_agrees_with_memory_analysis_within_15_percent(compiled):
+    rows = _compare(compiled)
+    print(f"\n| config | mesh | batch x seq | planner GB | memory_analysis GB (args + temp) | error |")
+    print("|---|---|---|---|---|---|")
+    for name, overrides, mesh, batch, seq, plan, m, measured in rows:
+        err = plan.total / measured - 1
+        print(f"| {_label(name, overrides)} | {mesh} | {batch} x {seq} | {plan.total / GB:.2f} | "
+              f"{measured / GB:.2f} ({m['argument_gb']:.2f} + {m['temp_gb']:.2f}) | {100 * err:+.1f}% |")
+    for name, overrides, mesh, batch, seq, plan, m, measured in rows:
+        err = plan.total / measured - 1
+        assert abs(err) < 0.15, (name, overrides, mesh, plan.memory, m)
+
+
+@pytest.mark.slow
+def test_planner_state_bytes_are_the_compiled_arguments(compiled):
+    """Parameters + optimizer state from the rules table equal what the compiled step takes
+    as arguments (less the int32 batch): the per-parameter shard factors are the real ones."""
+    for (name, overrides, mesh, batch, seq), m in zip(PAIRS, compiled):
+        plan = make_plan(_cfg(name, overrides), mesh, batch, seq, target="cpu")
+        state = plan.memory["parameters"] + plan.memory["optimizer"]
+        batch_bytes = 5 * batch * seq * 4 // token_shards(mesh_sizes(mesh))  # int32 [B, T] x 5
+        assert abs(m["argument_gb"] * GB - batch_bytes - state) < 1e-4 * state + 1e4, (mesh, plan.memory)
+
+
+@pytest.mark.slow
+def test_the_comparison_can_fail(compiled):
+    """Without the compiler's copies of the moments, or without the backward's working set,
+    some pair is off by more than 15%: the tolerance is tight enough to catch a wrong term."""
+    rows = _compare(compiled)
+    for term in ("moment copies", "working set"):
+        worst = max(abs((plan.total - plan.memory[term]) / measured - 1) for *_, plan, m, measured in rows)
+        assert worst > 0.15, term
+
+
+def test_plan_runs_instantly_at_any_device_count():
+    cfg = load_config("v2").replace(dtype="bfloat16", remat="full")
+    t0 = time.perf_counter()
+    plan = make_plan(cfg, "data=4,fsdp=64,expert=8,tensor=2", 2048, 4096)
+    assert time.perf_counter() - t0 < 10
+    assert plan.devices == 4096
+    # FSDP and expert axes shard every parameter 512 ways; the data axis replicates.
+    one = make_plan(cfg, "fsdp=64,expert=8,tensor=2", 512, 4096)
+    assert plan.memory["parameters"] == one.memory["parameters"]
+    assert plan.traffic["data"] > 0 and one.traffic["data"] == 0
+
+
+def test_plan_terms_move_the_right_way():
+    cfg = load_config("v2-lite").replace(dtype="bfloat16", remat="full")
+    base = make_plan(cfg, "fsdp=8", 8, 4096)
+    assert make_plan(cfg, "fsdp=8", 16, 4096).total > base.total
+    assert make_plan(cfg.replace(remat="none"), "fsdp=8", 8, 4096).memory["activations"] > \
+        10 * base.memory["activations"]
+    half = make_plan(cfg, "fsdp=8", 8, 4096, master_dtype="bfloat16").memory["optimizer"]
+    assert 0.5 < half / base.memory["optimizer"] < 0.51  # the float32 routers stay float32
+    # dropless expert parallelism holds worst-case buffers; a capacity bounds them
+    ep = make_plan(cfg, "expert=8", 8, 4096)
+    capped = make_plan(cfg.replace(capacity_factor=1.0), "expert=8", 8, 4096)
+    assert capped.dispatch["rows_per_destination"] < ep.dispatch["rows_per_destination"]
+    assert capped.traffic["expert"] > 0 and base.traffic.get("expert", 0) == 0
+
+
+def test_no_fit_names_the_largest_term_and_what_would_help():
+    cfg = load_config("v2").replace(dtype="bfloat16", remat="full")
+    plan = make_plan(cfg, "data=8", 8, 4096)
+    assert not plan.fits
+    text = format_plan(plan)
+    assert "does not fit" in text and f"largest term: {plan.largest}" in text
+    assert "would help: --mesh fsdp=8" in text
+    assert "would help: --master-dtype bfloat16" in text
+    assert max_batch(cfg, "fsdp=16,expert=8", 4096) >= 128
+
+
+def test_cli_prints_the_table_and_one_line_errors():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    base = [sys.executable, "-m", "dsv2_jax.cli", "plan", "--config", "v2-lite", "--seq-len", "4096"]
+    r = subprocess.run(base + ["--mesh", "fsdp=8", "--batch-size", "8", "--set", "dtype=bfloat16",
+                               "remat=full"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for line in ("parameters", "optimizer", "activations", "working set", "total", "fsdp (8)", "fits"):
+        assert line in r.stdout
+    for bad, why in ((["--mesh", "fsdp=-1", "--batch-size", "8"], "needs --devices"),
+                     (["--mesh", "fsdp=8", "--batch-size", "12"], "does not divide"),
+                     (["--mesh", "expert=3", "--batch-size", "3"], "n_routed_experts"),
+                     (["--mesh", "fsdp=8", "--batch-size", "8", "--device-memory", "lots"], "not a size")):
+        r = subprocess.run(base + bad, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert r.returncode == 1 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = subprocess.run(base + ["--mesh", "fsdp=-1", "--devices", "8", "--batch-size", "8"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "(8 devices)" in r.stdout, r.stderr
