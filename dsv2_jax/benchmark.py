@@ -58,8 +58,9 @@ def bench_config(quick: bool = False):
     return cfg
 
 
-def hf_config(cfg):
-    """The transformers config of one of ours."""
+def hf_config(cfg, attn: str = "sdpa"):
+    """The transformers config of one of ours; `attn` its attention implementation (sdpa, the
+    fastest transformers has on CPU, is the default reference)."""
     from transformers import DeepseekV2Config as HFConfig
 
     d = cfg.to_hf_dict()
@@ -71,7 +72,7 @@ def hf_config(cfg):
                                                     "ep_size", "moe_layer_freq", "scoring_func",
                                                     "aux_loss_alpha", "seq_aux")}
     hf = HFConfig(**keep, rope_parameters=rope)
-    hf._attn_implementation = "eager"
+    hf._attn_implementation = attn
     return hf
 
 

@@ -37,25 +37,15 @@ QUICK = dict(BENCH, vocab_size=512, hidden_size=128, intermediate_size=256, moe_
 
 def configs(name: str):
     """(our config, HF config) for "bench", "quick", a preset or a config.json."""
-    from transformers import DeepseekV2Config as HFConfig
-
     from dsv2_jax import DeepseekV2Config, load_config
+    from dsv2_jax.benchmark import hf_config
 
     if name in ("bench", "quick"):
         ours = DeepseekV2Config(**(BENCH if name == "bench" else QUICK))
     else:
         ours = load_config(name)
     ours = ours.replace(dtype="float32", param_dtype="float32", eos_token_id=None, bos_token_id=None)
-    d = ours.to_hf_dict()
-    rs = d.pop("rope_scaling")
-    rope = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
-    if rs:
-        rope.update({k: v for k, v in rs.items() if k != "type"}, rope_type=rs["type"])
-    keep = {k: v for k, v in d.items() if k not in ("architectures", "model_type", "dsv2_jax", "torch_dtype",
-                                                    "ep_size", "moe_layer_freq", "scoring_func",
-                                                    "aux_loss_alpha", "seq_aux")}
-    hf = HFConfig(**keep, rope_parameters=rope)
-    hf._attn_implementation = "eager"
+    hf = hf_config(ours)
     return ours, hf
 
 

@@ -20,18 +20,12 @@ import numpy as np
 
 def hf_model(cfg):
     import torch
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    from transformers import DeepseekV2ForCausalLM
 
-    d = cfg.to_hf_dict()
-    rs = d.pop("rope_scaling")
-    rope = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
-    if rs:
-        rope.update({k: v for k, v in rs.items() if k != "type"}, rope_type=rs["type"])
-    keep = {k: v for k, v in d.items() if k not in ("architectures", "model_type", "dsv2_jax",
-                                                    "torch_dtype", "ep_size", "moe_layer_freq",
-                                                    "scoring_func", "aux_loss_alpha", "seq_aux")}
+    from dsv2_jax.benchmark import hf_config
+
     torch.manual_seed(0)
-    return DeepseekV2ForCausalLM(DeepseekV2Config(**keep, rope_parameters=rope)).float().train()
+    return DeepseekV2ForCausalLM(hf_config(cfg)).float().train()
 
 
 def main():

@@ -32,3 +32,23 @@ def test_quick_bench_runs_every_row(tmp_path):
     for row in ("ceilings", "| train (2 x 32)", "| prefill (2 x 32)", "| decode batch 1, 32 prompt",
                 "| decode batch 2, 64 prompt", "| MoE layer vs dense", "| v2 train-step compile"):
         assert row in out, (row, out[-3000:])
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_runs_here(tmp_path):
+    """scripts/bench_gpu.py is for an accelerator; --quick runs it at toy size on any backend so
+    it cannot rot: every row is produced and the three grouped matmuls agree."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_gpu.py"), "--quick"],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    train = [x["train"] for x in rows if "train" in x]
+    assert {t["attn"] for t in train} == {"xla", "pallas"} and all("tokens_per_s" in t for t in train)
+    assert abs(train[0]["loss"] - train[1]["loss"]) < 1e-2  # same model, two attention cores
+    gmm = next(x["gmm"] for x in rows if "gmm" in x)
+    for name in ("ragged_dot", "blocked", "dense_all_experts"):
+        assert gmm[f"{name}_ms"] > 0 and gmm[f"{name}_max_abs_out"] > 0
+        assert gmm[f"{name}_max_diff_vs_ragged_dot"] <= 1e-2 * gmm["ragged_dot_max_abs_out"]
