@@ -105,10 +105,10 @@ def test_planner_state_bytes_are_the_compiled_arguments(compiled):
 
 @pytest.mark.slow
 def test_the_comparison_can_fail(compiled):
-    """Without the compiler's copies of the moments, or without the backward's working set,
-    some pair is off by more than 15%: the tolerance is tight enough to catch a wrong term."""
+    """Without the gradients, or without the backward's working set, some pair is off by
+    more than 15%: the tolerance is tight enough to catch a missing term."""
     rows = _compare(compiled)
-    for term in ("moment copies", "working set"):
+    for term in ("gradients", "working set"):
         worst = max(abs((plan.total - plan.memory[term]) / measured - 1) for *_, plan, m, measured in rows)
         assert worst > 0.15, term
 

@@ -48,8 +48,9 @@ class AdamW:
 
     The same arithmetic as optax's clip_by_global_norm + adamw (tested equal), but where the
     optax chain materialises a clipped-gradient tree and an update tree before touching the
-    parameters, this reads (p, g, m, v) once and writes (p, m, v) in place: at V2's shape on
-    64 devices that is ~7 GB less per device.
+    parameters, this updates (m, v) in place from g, then p in place from the new (m, v): at
+    V2's shape on 64 devices that is ~7 GB less per device than the chain, and ~16 GB less
+    than one elementwise pass over (p, g, m, v) (see `apply`).
 
     State: {"mu", "nu"} shaped like the parameters (their dtype), "count" the updates applied.
     """
@@ -81,23 +82,30 @@ class AdamW:
         bc2 = 1 - b2 ** count.astype(jnp.float32)
         clipping = bool(self.clip and self.clip > 0)
 
-        def leaf(p, g, m, v, decay):
+        def moments(g, m, v):
             g = g.astype(m.dtype)
             if clipping:
                 g = jnp.where(grad_norm < self.clip, g, (g / grad_norm.astype(g.dtype)) * self.clip)
-            m2 = b1 * m + (1 - b1) * g
-            v2 = b2 * v + (1 - b2) * g * g
-            u = (m2 / bc1.astype(m.dtype)) / (jnp.sqrt(v2 / bc2.astype(v.dtype)) + self.eps)
+            return (jnp.where(apply, b1 * m + (1 - b1) * g, m),
+                    jnp.where(apply, b2 * v + (1 - b2) * g * g, v))
+
+        def param(p, m2, v2, decay):
+            u = (m2 / bc1.astype(m2.dtype)) / (jnp.sqrt(v2 / bc2.astype(v2.dtype)) + self.eps)
             if decay and self.weight_decay:
                 u = u + self.weight_decay * p
-            p2 = (p + (-lr * u)).astype(p.dtype)
-            return jnp.where(apply, p2, p), jnp.where(apply, m2, m), jnp.where(apply, v2, v)
+            return jnp.where(apply, (p + (-lr * u)).astype(p.dtype), p)
 
-        out = jax.tree.map(leaf, params, grads, state["mu"], state["nu"], decay_mask(params))
-        is_out = lambda x: isinstance(x, tuple) and len(x) == 3 and not isinstance(x[0], tuple)
-        pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=is_out)
-        new_state = {"mu": pick(1), "nu": pick(2), "count": jnp.where(apply, count, state["count"])}
-        return pick(0), new_state
+        is_out = lambda x: isinstance(x, tuple) and len(x) == 2 and not isinstance(x[0], tuple)
+        mv = jax.tree.map(moments, grads, state["mu"], state["nu"])
+        mu = jax.tree.map(lambda o: o[0], mv, is_leaf=is_out)
+        nu = jax.tree.map(lambda o: o[1], mv, is_leaf=is_out)
+        # The parameter update reads the NEW moments: left to itself the compiler fuses the
+        # moments' arithmetic into it again, reading the old ones after their buffers were
+        # updated in place, and so keeps a copy of every moment (seen on XLA:CPU).
+        mu, nu = jax.lax.optimization_barrier((mu, nu))
+        new_params = jax.tree.map(param, params, mu, nu, decay_mask(params))
+        new_state = {"mu": mu, "nu": nu, "count": jnp.where(apply, count, state["count"])}
+        return new_params, new_state
 
 
 def make_optimizer(schedule, *, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip=1.0) -> AdamW:
