@@ -66,18 +66,14 @@ class Target:
 
     name: str
     temp_bytes: int | None  # bytes per element of temporaries; None: the compute dtype's
-    moment_copies: bool  # the update keeps copies of mu and nu
     moe_backend: str  # what moe_backend=auto resolves to
     ragged_exchange: bool  # a dropless dispatch sends exactly its rows (else whole buffers)
 
 
 TARGETS: Mapping[str, Target] = {
-    # XLA:CPU kept copies of mu and nu (2x the parameter bytes) until the optimizer's update
-    # was split so that the parameters read the new moments (train/optim.py); no target
-    # keeps them now, the field stays for a compiler that would.
-    "cpu": Target("cpu", 4, False, "blocked", False),
-    "gpu": Target("gpu", None, False, "ragged_dot", True),
-    "tpu": Target("tpu", None, False, "ragged_dot", True),
+    "cpu": Target("cpu", 4, "blocked", False),
+    "gpu": Target("gpu", None, "ragged_dot", True),
+    "tpu": Target("tpu", None, "ragged_dot", True),
 }
 
 
@@ -357,8 +353,6 @@ def make_plan(cfg: DeepseekV2Config, mesh: str | Mapping[str, int] | None, batch
 
     p_bytes = sum(p.stored * p.itemsize for p in params)
     memory = {"parameters": p_bytes, "gradients": p_bytes, "optimizer": 2 * p_bytes}
-    if tg.moment_copies:
-        memory["moment copies"] = 2 * p_bytes
 
     kinds = {kind for kind, _, _ in segs}
     saved = {k: layer_parts(cfg, k, B, T, sizes, c, tg, working=False) for k in kinds}
