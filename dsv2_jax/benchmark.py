@@ -174,6 +174,18 @@ def _batch(cfg, B, T, seed=0):
                  "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.int32)}
 
 
+def hf_train_steps(hf, opt, tids, n: int) -> None:
+    """n optimizer steps of the transformers model on token ids tids (labels = inputs,
+    gradient norm clipped at 1): the reference side of every train benchmark."""
+    import torch
+
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        hf(tids, labels=tids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+
+
 def bench_train(cfg, hf, model, B, T, steps, rounds, peak) -> dict:
     import jax
     import torch
@@ -198,12 +210,7 @@ def bench_train(cfg, hf, model, B, T, steps, rounds, peak) -> dict:
         jax.block_until_ready(m["loss"])
 
     def theirs():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            out = hf(tids, labels=tids)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            opt.step()
+        hf_train_steps(hf, opt, tids, steps)
 
     with PeakRSS() as mo:
         ours()

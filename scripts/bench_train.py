@@ -40,6 +40,7 @@ def main():
     import torch
 
     from dsv2_jax import init_model, load_config
+    from dsv2_jax.benchmark import hf_train_steps
     from dsv2_jax.train.optim import lr_schedule, make_optimizer
     from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
 
@@ -69,12 +70,7 @@ def main():
         jax.block_until_ready(m["loss"])
 
     def theirs(n):
-        for _ in range(n):
-            opt.zero_grad(set_to_none=True)
-            out = hf(tids, labels=tids)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            opt.step()
+        hf_train_steps(hf, opt, tids, n)
 
     ours(2)
     theirs(2)  # warm-up (compilation, allocator)
