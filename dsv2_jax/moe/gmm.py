@@ -46,14 +46,17 @@ def window_rows(rows: int, n_experts: int) -> int:
     return int(min(128, max(8, 2 ** int(math.log2(max(1, mean_group // 2))))))
 
 
+def _varying(a) -> set:
+    """The manual mesh axes `a` varies over inside a shard_map (none outside one)."""
+    mat = getattr(jax.typeof(a), "manual_axis_type", None)
+    return set(mat.varying) if mat is not None else set()
+
+
 def _zeros(shape, dtype, *like):
     """Zeros that vary over every manual mesh axis one of `like` varies over: inside a
     shard_map a loop's carry must keep its type, and the products it accumulates vary over
     the axes of their operands."""
-    axes = set()
-    for a in like:
-        mat = getattr(jax.typeof(a), "manual_axis_type", None)
-        axes |= set(mat.varying) if mat is not None else set()
+    axes = set().union(*(_varying(a) for a in like))
     z = jnp.zeros(shape, dtype)
     return jax.lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
 
@@ -62,11 +65,7 @@ def _as_type_of(ct, primal):
     """A cotangent summed over the manual mesh axes it varies over and its primal does not
     (what autodiff does for an invariant operand used with varying ones: the transpose of
     the implicit broadcast is a psum)."""
-    def varying(a):
-        mat = getattr(jax.typeof(a), "manual_axis_type", None)
-        return set(mat.varying) if mat is not None else set()
-
-    extra = varying(ct) - varying(primal)
+    extra = _varying(ct) - _varying(primal)
     return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
