@@ -185,3 +185,47 @@ def read_layer(kv, scale, layer, latent_dim: int, dtype):
     x = jax.lax.dynamic_index_in_dim(kv, layer, axis=0, keepdims=False)
     s = None if scale is None else jax.lax.dynamic_index_in_dim(scale, layer, axis=0, keepdims=False)
     return dequantise(x, s, latent_dim, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerView:
+    """One layer of the cache, read where it lies.
+
+    kv [L, B, S, K] (scale [L, B, S, 2] or None) with `layer` its index (an int or a traced
+    scalar), or kv [B, S, K] with layer None. `whole()` copies the layer out ([B, S, K]);
+    `block(start, size)` copies only positions [start, start + size), so a reader that walks
+    the live blocks touches each cached value once and never the dead tail of the buffer.
+    """
+
+    kv: jax.Array
+    scale: jax.Array | None
+    layer: object
+    latent_dim: int
+    dtype: object
+
+    @classmethod
+    def of(cls, kv, dtype=None) -> "LayerView":
+        """A view of a plain [B, S, K] float cache."""
+        return cls(kv, None, None, kv.shape[-1], kv.dtype if dtype is None else dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[-2]
+
+    def whole(self):
+        if self.layer is None:
+            return dequantise(self.kv, self.scale, self.latent_dim, self.dtype)
+        return read_layer(self.kv, self.scale, self.layer, self.latent_dim, self.dtype)
+
+    def block(self, start, size: int):
+        """-> [B, size, K] in `dtype`: positions [start, start + size); start + size <= S."""
+        def cut(a):
+            if a is None:
+                return None
+            if self.layer is None:
+                return jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
+            i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+            B, _, W = a.shape[1:]
+            return jax.lax.dynamic_slice(a, (i32(self.layer), i32(0), i32(start), i32(0)), (1, B, size, W))[0]
+
+        return dequantise(cut(self.kv), cut(self.scale), self.latent_dim, self.dtype)

@@ -24,17 +24,19 @@ contracts P+R per head instead of K); it runs the model's own decoder layers and
 The attention core of a decode step is `decode_attention`, with the contract of
 `dsv2_jax.kernels.mla_decode.mla_decode`: q [B, N, K], cache [B, S, K], lengths [B] ->
 [B, N, C]. cfg.attn_impl == "pallas" selects that kernel when the module exists; otherwise
-(and for every other impl) the XLA form `mla_decode_xla` runs.
+(and for every other impl) the XLA form `mla_decode_blocked` runs, walking only the live
+blocks of the layer where it lies in the segment's buffer (`cache.LayerView`).
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from dsv2_jax.attention import attention_mask
-from dsv2_jax.cache import LatentCache, fill_segment, read_layer, write_token
+from dsv2_jax.cache import LatentCache, LayerView, fill_segment, write_token
 from dsv2_jax.layers import dtype_of
 from dsv2_jax.moe import expert_parallel_size, gmm_backend, routed_experts
 from dsv2_jax.moe.gmm import routed_experts_stacked
@@ -47,22 +49,53 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 # The attention core of a decode step.
 
 
-def mla_decode_xla(q, kv_cache, lengths, *, v_dim: int, scale: float):
-    """Multi-query attention over the latent cache.
+def decode_block(S: int) -> int:
+    """The block length the XLA decode core walks a cache of S positions in: the largest of
+    512, 256, 128, 64 dividing S (cache lengths are multiples of 64), else S."""
+    return next((b for b in (512, 256, 128, 64) if S % b == 0), S)
 
-    q [B, H, K], kv_cache [B, S, K] (one key per position shared by the H heads; its first
-    v_dim values are the value), lengths [B] int (row b attends to positions < lengths[b])
-    -> [B, H, v_dim] in q's dtype (zeros where lengths is 0, as the kernel gives). Softmax
-    in float32.
+
+def mla_decode_blocked(q, cache: LayerView, lengths, *, v_dim: int, scale: float, block: int | None = None):
+    """Multi-query attention over the latent cache, one block of positions at a time.
+
+    q [B, H, K], cache: a `LayerView` of S positions (one key per position shared by the H
+    heads; its first v_dim values are the value), lengths [B] int (row b attends to positions
+    < lengths[b]) -> [B, H, v_dim] in q's dtype (zeros where lengths is 0). Softmax in float32,
+    online over the blocks.
+
+    Only the ceil(max(lengths) / block) live blocks are read, each copied once into a
+    [B, block, K] tile that both products then read from cache: a decode step's attention
+    costs one pass over the live positions, not two passes (plus a copy) over the buffer.
     """
-    S = kv_cache.shape[1]
-    logits = jnp.einsum("bhk,bsk->bhs", q, kv_cache.astype(q.dtype), preferred_element_type=jnp.float32)
-    live = jnp.arange(S)[None, None, :] < lengths[:, None, None]
-    probs = jax.nn.softmax(jnp.where(live, logits * scale, _NEG), axis=-1)
-    # The product runs over the whole row and drops the rope columns after: slicing the
-    # cache's first v_dim columns first would copy it (a strided view) every step.
-    out = jnp.einsum("bhs,bsk->bhk", probs.astype(q.dtype), kv_cache.astype(q.dtype))
-    return jnp.where(lengths[:, None, None] > 0, out[..., :v_dim], 0).astype(q.dtype)
+    B, H, K = q.shape
+    S = cache.max_len
+    blk = block or decode_block(S)
+    chex.assert_shape(lengths, (B,))
+    n_live = jnp.minimum((jnp.max(lengths) + blk - 1) // blk, S // blk)
+
+    def body(j, carry):
+        m, l, acc = carry  # [B,H], [B,H], [B,H,K] float32
+        start = j * blk
+        kb = cache.block(start, blk).astype(q.dtype)  # [B,blk,K]
+        s = jnp.einsum("bhk,bsk->bhs", q, kb, preferred_element_type=jnp.float32) * scale
+        live = (start + jnp.arange(blk))[None, None, :] < lengths[:, None, None]
+        m_new = jnp.maximum(m, jnp.max(jnp.where(live, s, _NEG), axis=-1))
+        p = jnp.where(live, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        acc = acc * corr[..., None] + jnp.einsum("bhs,bsk->bhk", p.astype(q.dtype), kb,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l * corr + jnp.sum(p, axis=-1), acc
+
+    init = (jnp.full((B, H), _NEG, jnp.float32), jnp.zeros((B, H), jnp.float32),
+            jnp.zeros((B, H, K), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_live, body, init)
+    # The product ran over whole rows; the rope columns are dropped here.
+    return (acc[..., :v_dim] / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)
+
+
+def mla_decode_xla(q, kv_cache, lengths, *, v_dim: int, scale: float):
+    """`mla_decode_blocked` over a plain cache: kv_cache [B, S, K] (the kernel's contract)."""
+    return mla_decode_blocked(q, LayerView.of(kv_cache, q.dtype), lengths, v_dim=v_dim, scale=scale)
 
 
 def _pallas_mla_decode():
@@ -76,13 +109,18 @@ def _pallas_mla_decode():
     return mla_decode
 
 
-def decode_attention(q, kv_cache, lengths, *, v_dim: int, scale: float, impl: str = "xla"):
-    """The one place a decode step's attention core is chosen; see `mla_decode_xla`."""
+def decode_attention(q, cache, lengths, *, v_dim: int, scale: float, impl: str = "xla"):
+    """The one place a decode step's attention core is chosen. cache: a `LayerView`, or a
+    plain [B, S, K] array. impl 'pallas' runs `dsv2_jax.kernels.mla_decode` on the layer
+    (copied out whole: the kernel's contract) when that module exists; otherwise
+    `mla_decode_blocked` reads the live blocks where they lie."""
+    if not isinstance(cache, LayerView):
+        cache = LayerView.of(cache, q.dtype)
     if impl == "pallas":
         kernel = _pallas_mla_decode()
         if kernel is not None:
-            return kernel(q, kv_cache, lengths, v_dim=v_dim, scale=scale)
-    return mla_decode_xla(q, kv_cache, lengths, v_dim=v_dim, scale=scale)
+            return kernel(q, cache.whole(), lengths, v_dim=v_dim, scale=scale)
+    return mla_decode_blocked(q, cache, lengths, v_dim=v_dim, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,7 +152,8 @@ def absorbed_attention(attn, xn, cos, sin, kv_layer, positions, w_uk, w_uv, impl
     """One decode position of one MLA layer, in the absorbed form.
 
     attn: an `MLA` (one layer), xn [B, 1, D] (normed input), cos/sin [B, 1, R/2],
-    kv_layer [B, S, K] (this layer's cache, the new token already written at `positions`),
+    kv_layer: this layer's cache (a `LayerView` or [B, S, K]), the new token already written
+    at `positions`,
     positions [B] int, w_uk [N, C, P], w_uv [N, C, V] -> [B, 1, D].
     """
     cfg = attn.cfg
@@ -257,7 +296,7 @@ def decode_step(model, weights: AbsorbedWeights, cache: LatentCache, tokens):
             c, kr = attn.latent(xn, cos, sin)
             row = jnp.concatenate([c, kr.astype(c.dtype)], axis=-1)[:, 0]  # [B,K]
             kv, scale = write_token(kv, scale, i, row, pos, cache.kind, C)
-            keys = read_layer(kv, scale, i, C, dt)  # [B,S,K]
+            keys = LayerView(kv, scale, i, C, dt)  # layer i, read in place
             h = h + absorbed_attention(attn, xn, cos, sin, keys, pos, w_uk, w_uv, cfg.attn_impl)
             hn = m["post_attention_layernorm"](h)
             if experts is not None:

@@ -19,10 +19,12 @@ import hf_reference as ref
 import dsv2_jax
 from dsv2_jax import from_pretrained
 from dsv2_jax.attention import attention_mask, mla_attention_reference
-from dsv2_jax.cache import CACHE_KINDS, cache_size, init_cache, mha_bytes_per_token
+from dsv2_jax.cache import (CACHE_KINDS, LayerView, cache_size, init_cache, mha_bytes_per_token, quantise,
+                            read_layer)
 from dsv2_jax.cli import main as cli_main
-from dsv2_jax.decode import (absorb, absorbed_attention, decode_attention, mla_decode_xla,
+from dsv2_jax.decode import (absorb, absorbed_attention, decode_attention, mla_decode_blocked, mla_decode_xla,
                              teacher_forced_logits)
+from dsv2_jax.kernels.mla_decode import mla_decode_reference
 from dsv2_jax.generation import _generate_jit, bucket, sample_logits
 from dsv2_jax.rope import rope_cos_sin
 
@@ -218,6 +220,34 @@ def test_decode_core_contract_and_pallas_seam(monkeypatch):
     assert ref.rel_err(decode_attention(q, kv, lengths, v_dim=C, scale=0.3, impl="pallas"), want) <= 1e-5
     monkeypatch.setitem(sys.modules, "dsv2_jax.kernels.mla_decode", None)  # as if absent
     assert ref.rel_err(decode_attention(q, kv, lengths, v_dim=C, scale=0.3, impl="pallas"), want) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["float32", "int8"])
+def test_blocked_decode_reads_layers_in_place(kind):
+    """The XLA core walks the live blocks of one layer of a stacked [L, B, S, K] buffer:
+    equal to the plain reference on that layer copied out, for block lengths that split the
+    live positions unevenly, rows of length 0, 1, a block edge and the whole buffer, under
+    jit with a traced layer index."""
+    rng = np.random.default_rng(11)
+    L, Bq, H, S, C, R = 3, 4, 5, 192, 24, 8
+    q = jnp.asarray(rng.normal(size=(Bq, H, C + R)), jnp.float32)
+    kv, scale = quantise(jnp.asarray(rng.normal(size=(L, Bq, S, C + R)), jnp.float32), kind, C)
+    lengths = jnp.array([0, 1, 64, 192])
+
+    @functools.partial(jax.jit, static_argnames="block")
+    def blocked(layer, lengths, block):
+        view = LayerView(kv, scale, layer, C, jnp.float32)
+        return mla_decode_blocked(q, view, lengths, v_dim=C, scale=0.3, block=block)
+
+    for layer in range(L):
+        want = mla_decode_reference(q, read_layer(kv, scale, layer, C, jnp.float32), lengths, v_dim=C, scale=0.3)
+        assert not jnp.any(want[0])  # a row of length 0 gives zeros
+        for block in (64, 192):
+            got = blocked(layer, lengths, block)
+            assert got.shape == (Bq, H, C) and ref.rel_err(got, want) <= 1e-6, (layer, block)
+    short = jnp.array([3, 5, 2, 9])  # one live block of three: the others are never read
+    want = mla_decode_reference(q, read_layer(kv, scale, 1, C, jnp.float32), short, v_dim=C, scale=0.3)
+    assert ref.rel_err(blocked(1, short, 64), want) <= 1e-6
 
 
 # --------------------------------------------------------------------------------------
