@@ -80,8 +80,9 @@ def layer_case(spec, B=8, T=9, skew=False, ragged=False, train=True, **kw):
 
     g2 = jax.jit(jax.value_and_grad(f2, argnums=(0, 1), has_aux=True))
     with jax.set_mesh(mesh), emulate_ragged_all_to_all():
-        (l2, (y2, r2)), (gs2, gx2) = g2(state_m, x_m)
-        hlo = g2.lower(state_m, x_m).compile().as_text()
+        compiled = g2.lower(state_m, x_m).compile()  # compiled once, called and read
+        (l2, (y2, r2)), (gs2, gx2) = compiled(state_m, x_m)
+        hlo = compiled.as_text()
     np.testing.assert_array_equal(np.asarray(r1.topk_idx), np.asarray(r2.topk_idx))
     if skew:
         assert (np.sort(np.asarray(r1.topk_idx), axis=1) == np.arange(cfg.num_experts_per_tok)).all()
@@ -186,9 +187,7 @@ def main():
     assert jax.device_count() == 8, jax.devices()
     layer_case("data=4,expert=2")
     layer_case("fsdp=2,expert=4")
-    layer_case("expert=8")                     # one expert per device
-    layer_case("expert=8", skew=True)          # every token to experts on one device
-    layer_case("data=2,expert=2,tensor=2")
+    layer_case("expert=8", skew=True)          # one expert per device, every token to one device
     layer_case("fsdp=2,expert=2,tensor=2", ragged=True)
     layer_case("expert=4,data=2", ragged=True, skew=True)
     layer_case("data=8", train=False)

@@ -13,6 +13,7 @@ import numpy as np
 
 from dsv2_jax import init_model, load_config
 from dsv2_jax.train.step import ModelFns, loss_and_stats, params_of
+from procenv import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +74,7 @@ print("mesh ok", err)
 
 
 def test_pallas_attention_per_shard_on_a_mesh():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_env(4)
     r = subprocess.run([sys.executable, "-c", _MESH], env=env, cwd=ROOT, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0 and "mesh ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

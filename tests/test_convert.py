@@ -24,6 +24,7 @@ from dsv2_jax import from_pretrained
 from dsv2_jax.checkpoint import CheckpointError, convert, fp8, orbax_io
 from dsv2_jax.checkpoint.safetensors_io import SafetensorsDir, write_safetensors
 from dsv2_jax.cli import main
+from procenv import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,8 +219,7 @@ _MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_plain_orbax_restores_onto_meshes(v2_orbax):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    env = cpu_env(4, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, v2_orbax], capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0 and "MESH OK" in r.stdout, r.stderr[-3000:]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from test_mesh import _metrics, _run
+from procenv import cpu_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,7 +44,7 @@ def test_expert_parallel_4_matches_one_device(tmp_path):
 
 
 def test_ep_moe_layer_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_env(4)
     r = subprocess.run([sys.executable, os.path.join(HERE, "ep_layer_check.py")], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -76,7 +77,7 @@ for tree in (psh, osh):
             assert 'expert' in spec and (not spec or spec[0] != 'expert' or 'layers' not in name), (name, spec)
 print('ok')
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_env(4)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300, cwd=os.path.dirname(HERE))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

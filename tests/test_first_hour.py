@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from dsv2_jax.cli import main as cli_main
+from procenv import cpu_env
 
 SMALL = ["--batch-size", "2", "--seq-len", "32", "--log-every", "1000", "--set", "num_hidden_layers=2"]
 
@@ -70,7 +71,7 @@ def test_rerun_of_a_finished_run_says_nothing_to_do(tmp_path, capsys):
 def test_readme_mesh_example_runs_on_the_shipped_preset(tmp_path):
     """tiny ships num_device_groups=4, max_devices_per_token=2; on expert=2 the devices are the
     groups: 2 of 4 becomes 1 of 2, said in one line."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = cpu_env(2)
     cmd = [sys.executable, "-m", "dsv2_jax.cli", "train", "--config", "tiny", "--mesh", "data=1,expert=2",
            "--workdir", str(tmp_path / "ep"), "--steps", "2", "--batch-size", "2", "--seq-len", "32"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

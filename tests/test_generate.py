@@ -27,6 +27,7 @@ from dsv2_jax.decode import (absorb, absorbed_attention, decode_attention, mla_d
 from dsv2_jax.kernels.mla_decode import mla_decode_reference
 from dsv2_jax.generation import _generate_jit, bucket, sample_logits
 from dsv2_jax.rope import rope_cos_sin
+from procenv import cpu_env
 
 # One prompt width and length budget for the HF comparisons: every call shares a bucket.
 B, T, NEW = 2, 7, 10
@@ -401,7 +402,7 @@ def test_generate_under_the_training_mesh_gives_the_one_device_tokens():
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     r = subprocess.run([sys.executable, os.path.join(here, "generate_mesh_check.py")], env=env,
                        capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(here))
     assert r.returncode == 0 and "all ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

@@ -9,14 +9,14 @@ import sys
 
 import numpy as np
 import pytest
+from procenv import cpu_env
 
 ARGS = ["--config", "tiny", "--batch-size", "4", "--seq-len", "32", "--steps", "4",
         "--checkpoint-every", "2", "--lr", "3e-3", "--warmup-steps", "1", "--set", "num_hidden_layers=2"]
 
 
 def _run(workdir, devices, extra=()):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    env = cpu_env(devices)
     cmd = [sys.executable, "-m", "dsv2_jax.cli", "train", "--workdir", str(workdir), *ARGS, *extra]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return r

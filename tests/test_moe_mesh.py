@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from dsv2_jax import DeepseekV2Config, load_config
+from procenv import cpu_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
 def _run(code_or_file, devices=8, timeout=1200):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    env = cpu_env(devices)
     cmd = [sys.executable] + ([code_or_file] if code_or_file.endswith(".py") else ["-c", code_or_file])
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from procenv import cpu_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -22,8 +23,7 @@ ARGS = ["--config", "tiny", "--batch-size", "8", "--seq-len", "32", "--checkpoin
 
 
 def _env(devices):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_PLATFORMS="cpu")
+    return cpu_env(devices)
 
 
 def _free_port() -> int:
