@@ -137,7 +137,10 @@ def test_grad_matches_finite_differences(model, grads):
             if not np.array_equal(np.asarray(cp), np.asarray(cm)):
                 continue  # a routing flip inside the step: not differentiable there
             fd = (float(lp) - float(lm)) / (2 * eps)
-            assert abs(fd - ga[idx]) <= 1e-2 * abs(ga[idx]) + 2e-5, (name, idx, fd, ga[idx])
+            # The quotient cannot resolve below the float32 rounding of the two losses (a few
+            # ulps each after the mean over tokens): 4 ulps over 2 eps, ~1.6e-4 at loss ~3.5.
+            noise = 4 * float(np.spacing(np.float32(max(abs(float(lp)), abs(float(lm)))))) / (2 * eps)
+            assert abs(fd - ga[idx]) <= 1e-2 * abs(ga[idx]) + noise + 2e-5, (name, idx, fd, ga[idx], noise)
             checked += 1
     assert checked >= len(FD_PARAMS) * 2 - 2
 
