@@ -111,7 +111,7 @@ def _generate_jit(graphdef, state, ids, lengths, max_new, temperature, top_k, to
 
     cache = init_cache(model.cfg, B, max_len, kind)
     logits, cache = prefill(model, ids, lengths, cache)
-    weights = absorb(model)  # loop-invariant: split once, not per step
+    weights = absorb(model, B)  # loop-invariant: split once, not per step
     tok = sample(logits, key=jax.random.fold_in(key, 0))
 
     prompt = jnp.pad(ids, ((0, 0), (0, max_len - Tb)))

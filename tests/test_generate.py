@@ -223,6 +223,25 @@ def test_decode_core_contract_and_pallas_seam(monkeypatch):
     assert ref.rel_err(decode_attention(q, kv, lengths, v_dim=C, scale=0.3, impl="pallas"), want) <= 1e-6
 
 
+def test_few_row_head_gives_the_dot_logits():
+    """At 2-8 rows on one CPU device decode's logits come from the output head laid out
+    [vocab, D] (multiply-reduce); they equal the model's own head within float32 rounding,
+    and one row (or a larger batch) keeps the dot."""
+    from dsv2_jax.decode import absorb, decode_logits, few_row_head
+
+    cfg = dsv2_jax.load_config("tiny", num_hidden_layers=2)
+    model = dsv2_jax.init_model(cfg, seed=3)
+    x = jax.random.normal(jax.random.key(4), (3, 1, cfg.hidden_size), jnp.float32)
+    assert few_row_head(3) == (jax.default_backend() == "cpu" and jax.device_count() == 1)
+    assert not few_row_head(1) and not few_row_head(9)
+    w = absorb(model, 3)
+    assert w.head_rows is not None and w.head_rows.shape == (cfg.vocab_size, cfg.hidden_size)
+    want = model.logits_from_hidden(model.norm(x))[:, 0]
+    got = decode_logits(model, w, x)
+    assert got.dtype == jnp.float32 and ref.rel_err(got, want) <= 1e-6
+    assert absorb(model, 1).head_rows is None
+
+
 @pytest.mark.parametrize("kind", ["float32", "int8"])
 def test_blocked_decode_reads_layers_in_place(kind):
     """The XLA core walks the live blocks of one layer of a stacked [L, B, S, K] buffer:
