@@ -22,8 +22,8 @@ from dsv2_jax.attention import attention_mask, mla_attention_reference
 from dsv2_jax.cache import (CACHE_KINDS, LayerView, cache_size, init_cache, mha_bytes_per_token, quantise,
                             read_layer)
 from dsv2_jax.cli import main as cli_main
-from dsv2_jax.decode import (absorb, absorbed_attention, decode_attention, mla_decode_blocked, mla_decode_xla,
-                             teacher_forced_logits)
+from dsv2_jax.decode import (absorb, absorbed_attention, decode_attention, decode_logits, few_row_head,
+                             mla_decode_blocked, mla_decode_xla, teacher_forced_logits)
 from dsv2_jax.kernels.mla_decode import mla_decode_reference
 from dsv2_jax.generation import _generate_jit, bucket, sample_logits
 from dsv2_jax.rope import rope_cos_sin
@@ -227,8 +227,6 @@ def test_few_row_head_gives_the_dot_logits():
     """At 2-8 rows on one CPU device decode's logits come from the output head laid out
     [vocab, D] (multiply-reduce); they equal the model's own head within float32 rounding,
     and one row (or a larger batch) keeps the dot."""
-    from dsv2_jax.decode import absorb, decode_logits, few_row_head
-
     cfg = dsv2_jax.load_config("tiny", num_hidden_layers=2)
     model = dsv2_jax.init_model(cfg, seed=3)
     x = jax.random.normal(jax.random.key(4), (3, 1, cfg.hidden_size), jnp.float32)

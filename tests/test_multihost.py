@@ -22,10 +22,6 @@ ARGS = ["--config", "tiny", "--batch-size", "8", "--seq-len", "32", "--checkpoin
         "--set", "num_hidden_layers=2"]
 
 
-def _env(devices):
-    return cpu_env(devices)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +34,7 @@ def _train_two_processes(workdir, extra):
     for pid in (0, 1):
         cmd = [sys.executable, "-m", "dsv2_jax.cli", "train", "--workdir", str(workdir), *ARGS, *extra,
                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
-        procs.append(subprocess.Popen(cmd, env=_env(4), cwd=ROOT, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, env=cpu_env(4), cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outs):
@@ -53,7 +49,7 @@ def _metrics(workdir):
 def test_two_processes_equal_one_process_and_resume_on_another_mesh(tmp_path):
     one = subprocess.run([sys.executable, "-m", "dsv2_jax.cli", "train", "--workdir", str(tmp_path / "one"),
                           *ARGS, "--steps", "4", "--mesh", "fsdp=2,expert=4"],
-                         env=_env(8), cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         env=cpu_env(8), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-3000:]
     two = tmp_path / "two"
     outs = _train_two_processes(two, ["--steps", "4", "--stop-after", "2", "--mesh", "fsdp=2,expert=4"])
@@ -78,7 +74,7 @@ def test_two_processes_equal_one_process_and_resume_on_another_mesh(tmp_path):
     # Another process count is refused in one line, and nothing changes.
     r = subprocess.run([sys.executable, "-m", "dsv2_jax.cli", "train", "--workdir", str(two), *ARGS,
                         "--steps", "6", "--mesh", "data=2,expert=4"],
-                       env=_env(8), cwd=ROOT, capture_output=True, text=True, timeout=900)
+                       env=cpu_env(8), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 1 and "trained by 2 process(es), this run has 1" in r.stderr
     assert "Traceback" not in r.stderr
 

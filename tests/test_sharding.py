@@ -18,13 +18,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _env(devices):
-    return cpu_env(devices)
-
-
 def _python(code_or_file, devices, *args, timeout=900):
     cmd = [sys.executable] + ([code_or_file] if code_or_file.endswith(".py") else ["-c", code_or_file])
-    r = subprocess.run(cmd + list(args), env=_env(devices), capture_output=True, text=True,
+    r = subprocess.run(cmd + list(args), env=cpu_env(devices), capture_output=True, text=True,
                        timeout=timeout, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
@@ -56,7 +52,7 @@ def test_train_on_fsdp_expert_tensor_gives_the_one_device_losses(tmp_path):
                                  ("mesh_acc", 8, ["--mesh", "fsdp=2,expert=2,tensor=2", "--grad-accum", "2"])):
         wd = tmp_path / name
         r = subprocess.run([sys.executable, "-m", "dsv2_jax.cli", "train", "--workdir", str(wd), *args, *extra],
-                           env=_env(devices), capture_output=True, text=True, timeout=900, cwd=ROOT)
+                           env=cpu_env(devices), capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = [json.loads(line) for line in open(wd / "metrics.jsonl")]
     for a, b in (("one", "mesh"), ("one_acc", "mesh_acc")):
