@@ -281,3 +281,15 @@ def test_bad_profile_steps_are_refused(tmp_path):
     with pytest.raises(TrainingError, match="--profile-steps"):
         train(TrainArgs(workdir=str(tmp_path / "run"), steps=4, profile_steps="3:2", **SMALL))
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_tensorboard_writer_loads_without_importing_torch(tmp_path):
+    code = ("import sys; from dsv2_jax.train.metrics import TensorBoard\n"
+            f"tb = TensorBoard({str(tmp_path)!r}); tb.write({{'step': 1, 'loss': 2.5}}); tb.close()\n"
+            "assert tb.writer is not None\n"
+            "assert 'torch' not in sys.modules, 'tensorboardX pulled torch in'\n"
+            "import torch; assert torch.ones(1).item() == 1.0  # torch itself still imports\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [f for f in os.listdir(tmp_path) if "tfevents" in f]
+    assert len(events) == 1 and b"train/loss" in open(tmp_path / events[0], "rb").read()
