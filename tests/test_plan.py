@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from procenv import cpu_env
 
 from dsv2_jax import load_config
 from dsv2_jax.plan import GB, format_plan, make_plan, max_batch, mesh_sizes, token_shards
@@ -58,7 +59,9 @@ def _label(name, overrides):
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # The session's -O0 LLVM flag leaves memory_analysis() unchanged (the buffers are assigned
+    # before code generation; all five figures measured equal) and saves a quarter of the time.
+    env = cpu_env(8)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", _CHILD, os.path.join(ROOT, "scripts"), json.dumps(PAIRS)],
                        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
