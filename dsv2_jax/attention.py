@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv2_jax.config import DeepseekV2Config
-from dsv2_jax.layers import Linear, RMSNorm, dtype_of
+from dsv2_jax.layers import Linear, RMSNorm, dtype_of, rows_param, rows_product, use
 from dsv2_jax.rope import apply_rope
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -148,22 +148,54 @@ class MLA(nnx.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, N * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                 axes=("kv_lora", "kv_heads"), **kw)
         self.o_proj = Linear(N * cfg.v_head_dim, D, axes=("o_heads", "embed"), **kw)
+        self.rows_major = False
+
+    def to_rows_major(self):
+        """In place, on a copy, for decode's few-row form: q_proj (or q_a_proj) and
+        kv_a_proj_with_mqa stacked into one weight [..., Q + C + R, D] (one product per input:
+        XLA:CPU materialises an input broadcast that two multiply-reduces share), q_b_proj
+        and o_proj laid out [..., out, in]. kv_b_proj stays: decode reads it only absorbed."""
+        first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
+        self.a_rows = rows_param(first.kernel, self.kv_a_proj_with_mqa.kernel)
+        self.dtype = first.dtype
+        if self.cfg.q_lora_rank is None:
+            del self.q_proj
+        else:
+            del self.q_a_proj
+            self.q_b_proj.to_rows_major()
+        del self.kv_a_proj_with_mqa
+        self.o_proj.to_rows_major()
+        self.rows_major = True
 
     def latent(self, x, cos, sin):
         """x [B,T,D] -> (c [B,T,C] normed latent, kr [B,T,R] rotated shared rope key): what a
         KV cache holds."""
+        return self._latent_of(self.kv_a_proj_with_mqa(x), cos, sin)
+
+    def queries(self, x, cos, sin):
+        """x [B,T,D] -> (q_nope [B,T,N,P], q_rope [B,T,N,R] rotated)."""
+        first = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_a_proj(x)
+        return self._queries_of(first, cos, sin)
+
+    def queries_and_latent(self, x, cos, sin):
+        """`queries` and `latent` of one x -> (q_nope, q_rope, c, kr); a rows-major copy
+        multiplies x once by its stacked first projections."""
+        if not self.rows_major:
+            return (*self.queries(x, cos, sin), *self.latent(x, cos, sin))
+        a = rows_product(x.astype(self.dtype), use(self.a_rows, self.dtype)).astype(self.dtype)
+        Q = a.shape[-1] - self.cfg.kv_lora_rank - self.cfg.qk_rope_head_dim
+        return (*self._queries_of(a[..., :Q], cos, sin), *self._latent_of(a[..., Q:], cos, sin))
+
+    def _latent_of(self, ckv, cos, sin):
         C = self.cfg.kv_lora_rank
-        ckv = self.kv_a_proj_with_mqa(x)
         c, kr = ckv[..., :C], ckv[..., C:]
         return self.kv_a_layernorm(c), apply_rope(kr, cos, sin)
 
-    def queries(self, x, cos, sin):
+    def _queries_of(self, first, cos, sin):
+        """first: q_proj(x), or q_a_proj(x) with a q latent -> (q_nope, q_rope)."""
         cfg = self.cfg
-        B, T, _ = x.shape
-        if cfg.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        B, T, _ = first.shape
+        q = first if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(first))
         q = q.reshape(B, T, cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
         return q_nope, apply_rope(q_rope, cos, sin)

@@ -37,7 +37,7 @@ from flax import nnx, struct
 
 from dsv2_jax.attention import attention_mask
 from dsv2_jax.cache import LatentCache, LayerView, fill_segment, write_token
-from dsv2_jax.layers import dtype_of
+from dsv2_jax.layers import dtype_of, rows_product
 from dsv2_jax.moe import expert_parallel_size, gmm_backend, routed_experts
 from dsv2_jax.moe.gmm import routed_experts_stacked
 from dsv2_jax.rope import rope_cos_sin
@@ -131,23 +131,40 @@ def decode_attention(q, cache, lengths, *, v_dim: int, scale: float, impl: str =
 class AbsorbedWeights:
     w_uk: tuple  # per segment [L, N, C, P]
     w_uv: tuple  # per segment [L, N, C, V]
-    head_rows: jax.Array | None = None  # the output head as [vocab, D] (see `few_row_head`)
+    head_rows: jax.Array | None = None  # the output head as [vocab, D] (see `few_row_products`)
+    # Per segment, the decode parts in the few-row form (`few_row_products`): a tuple of one
+    # state per layer here, graphdefs (static) beside; None: decode splits the model's parts.
+    row_states: tuple | None = None
+    row_graphdefs: tuple | None = struct.field(pytree_node=False, default=None)
 
 
-def few_row_head(batch: int) -> bool:
-    """Whether decode computes its logits as a multiply-reduce over the output head laid out
-    [vocab, D] rather than as a `dot` with [D, vocab]: the one place this backend choice is
-    made. Only on one CPU device at 2-8 rows, where XLA:CPU streams the head through a `dot`
-    at a third of its one-row rate and the reduce form reads it ~2.4x faster
-    (scripts/bench_small_m.py); it costs a second copy of the head while generating.
-    Accelerators multiply on their matrix units, and one row is a `dot`'s best case."""
+def few_row_products(batch: int) -> bool:
+    """Whether decode multiplies its few rows by weights laid out [out, in] (a multiply-reduce
+    along each output's row) instead of a `dot` with [in, out]: the one place this backend
+    choice is made. It covers the output head and every Linear a decode step runs (attention
+    projections, the dense MLP, the shared experts). Only on one CPU device at 2-8 rows, where
+    XLA:CPU streams a weight through a few-row `dot` at a third of its one-row rate and the
+    reduce form reads it 2.4-3.5x faster (scripts/bench_small_m.py); it costs a second copy
+    of those weights while generating. Accelerators multiply on their matrix units, and one
+    row is a `dot`'s best case."""
     return jax.default_backend() == "cpu" and jax.device_count() == 1 and 2 <= batch <= 8
+
+
+def _rows_major(graphdef, state):
+    """(graphdef, state) of a copy of a decode part (an MLA, an MLP, a norm) in the few-row
+    form: each weight a step multiplies laid out [..., out, in], weights that share an input
+    stacked (`to_rows_major` of MLA and MLP)."""
+    module = nnx.merge(graphdef, state)  # new module objects over the same arrays
+    if hasattr(module, "to_rows_major"):
+        module.to_rows_major()
+    return nnx.split(module)
 
 
 def absorb(model, batch: int | None = None) -> AbsorbedWeights:
     """Splits every layer's kv_b_proj kernel [C, N*(P+V)] into per-head W_UK [N, C, P] and
-    W_UV [N, C, V], in the compute dtype, and lays the output head out as [vocab, D] when
-    `few_row_head(batch)`. Done once per generate call, outside the loop."""
+    W_UV [N, C, V], in the compute dtype, and, when `few_row_products(batch)`, lays the output
+    head out as [vocab, D] and every decode Linear as [out, in]. Done once per generate call,
+    outside the loop."""
     cfg = model.cfg
     N, P, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
     dt = dtype_of(cfg.dtype)
@@ -157,34 +174,39 @@ def absorb(model, batch: int | None = None) -> AbsorbedWeights:
         k = k.reshape(k.shape[0], k.shape[1], N, P + V).astype(dt)
         w_uk.append(jnp.einsum("lcnp->lncp", k[..., :P]))
         w_uv.append(jnp.einsum("lcnv->lncv", k[..., P:]))
-    head = None
-    if batch is not None and few_row_head(batch):
-        head = jnp.asarray(model.output_kernel(), dt).T  # [V, D], one copy per call
-    return AbsorbedWeights(tuple(w_uk), tuple(w_uv), head)
+    out = AbsorbedWeights(tuple(w_uk), tuple(w_uv))
+    if batch is None or not few_row_products(batch):
+        return out
+    head = jnp.asarray(model.output_kernel(), dt).T  # [V, D], one copy per call
+    states, graphdefs = [], []
+    for seg in model.segments:
+        parts = {name: _rows_major(*gs) for name, gs in _decode_parts(seg)[0].items()}
+        graphdefs.append(tuple((k, g) for k, (g, _) in parts.items()))  # hashable: static
+        # One state per layer: XLA:CPU copies a layer's slice of a stacked weight into a
+        # multiply-reduce at every step (a `dot` reads it in place).
+        stacked = {k: st for k, (_, st) in parts.items()}
+        states.append(tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(seg.count)))
+    return out.replace(head_rows=head, row_states=tuple(states), row_graphdefs=tuple(graphdefs))
 
 
 def decode_logits(model, weights: AbsorbedWeights, x):
     """x [B, 1, D] (the last layer's output) -> logits [B, vocab] float32."""
     if weights.head_rows is None:
         return model.logits_from_hidden(model.norm(x))[:, 0].astype(jnp.float32)
-    h = model.norm(x)[:, 0]  # [B,D]
-    # logits[b, v] = sum_d head[v, d] h[b, d], fused: the head is read once for all rows.
-    return jnp.sum(weights.head_rows[None] * h[:, None, :].astype(weights.head_rows.dtype), axis=-1,
-                   dtype=jnp.float32)
+    return rows_product(model.norm(x)[:, 0], weights.head_rows)  # the head read once for all rows
 
 
-def absorbed_attention(attn, xn, cos, sin, kv_layer, positions, w_uk, w_uv, impl: str = "xla"):
+def absorbed_attention(attn, q_nope, q_rope, kv_layer, positions, w_uk, w_uv, impl: str = "xla"):
     """One decode position of one MLA layer, in the absorbed form.
 
-    attn: an `MLA` (one layer), xn [B, 1, D] (normed input), cos/sin [B, 1, R/2],
-    kv_layer: this layer's cache (a `LayerView` or [B, S, K]), the new token already written
-    at `positions`,
-    positions [B] int, w_uk [N, C, P], w_uv [N, C, V] -> [B, 1, D].
+    attn: an `MLA` (one layer), q_nope [B, 1, N, P], q_rope [B, 1, N, R] (its queries, rope
+    applied), kv_layer: this layer's cache (a `LayerView` or [B, S, K]), the new token
+    already written at `positions`, positions [B] int, w_uk [N, C, P], w_uv [N, C, V]
+    -> [B, 1, D].
     """
     cfg = attn.cfg
-    B = xn.shape[0]
+    B = q_nope.shape[0]
     N, C, V = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.v_head_dim
-    q_nope, q_rope = attn.queries(xn, cos, sin)  # [B,1,N,P], [B,1,N,R]
     q_lat = jnp.einsum("bnp,ncp->bnc", q_nope[:, 0], w_uk)  # W_UK folded into the query
     q = jnp.concatenate([q_lat, q_rope[:, 0].astype(q_lat.dtype)], axis=-1)  # [B,N,K]
     o = decode_attention(q, kv_layer, positions + 1, v_dim=C, scale=cfg.softmax_scale, impl=impl)
@@ -311,6 +333,10 @@ def decode_step(model, weights: AbsorbedWeights, cache: LatentCache, tokens):
     for s, seg in enumerate(model.segments):
         parts, experts = _decode_parts(seg)
         graphdefs = {k: g for k, (g, _) in parts.items()}
+        states = {k: st for k, (_, st) in parts.items()}
+        rows = weights.row_states is not None  # few_row_products: per-layer [out, in] copies
+        if rows:
+            graphdefs = dict(weights.row_graphdefs[s])
 
         def body(carry, xs, graphdefs=graphdefs, experts=experts):
             h, kv, scale = carry
@@ -318,11 +344,11 @@ def decode_step(model, weights: AbsorbedWeights, cache: LatentCache, tokens):
             m = {k: nnx.merge(graphdefs[k], states[k]) for k in graphdefs}
             attn = m["self_attn"]
             xn = m["input_layernorm"](h)
-            c, kr = attn.latent(xn, cos, sin)
+            q_nope, q_rope, c, kr = attn.queries_and_latent(xn, cos, sin)
             row = jnp.concatenate([c, kr.astype(c.dtype)], axis=-1)[:, 0]  # [B,K]
             kv, scale = write_token(kv, scale, i, row, pos, cache.kind, C)
             keys = LayerView(kv, scale, i, C, dt)  # layer i, read in place
-            h = h + absorbed_attention(attn, xn, cos, sin, keys, pos, w_uk, w_uv, cfg.attn_impl)
+            h = h + absorbed_attention(attn, q_nope, q_rope, keys, pos, w_uk, w_uv, cfg.attn_impl)
             hn = m["post_attention_layernorm"](h)
             if experts is not None:
                 ffn = moe_few_tokens(m["mlp.gate"], m.get("mlp.shared_experts"), *experts, i, hn,
@@ -333,10 +359,14 @@ def decode_step(model, weights: AbsorbedWeights, cache: LatentCache, tokens):
                 ffn = m["mlp"](hn)
             return (h + ffn, kv, scale), None
 
-        states = {k: st for k, (_, st) in parts.items()}
-        xs = (states, weights.w_uk[s], weights.w_uv[s], jnp.arange(seg.count))
-        (x, kvs[s], scales[s]), _ = jax.lax.scan(body, (x, kvs[s], scales[s]), xs,
-                                                 unroll=_unroll(cfg, seg.count))
+        carry = (x, kvs[s], scales[s])
+        if rows:  # one copy per layer, the layers unrolled: no per-step slice of a stack
+            for i, layer_states in enumerate(weights.row_states[s]):
+                carry, _ = body(carry, (layer_states, weights.w_uk[s][i], weights.w_uv[s][i], i))
+        else:
+            xs = (states, weights.w_uk[s], weights.w_uv[s], jnp.arange(seg.count))
+            carry, _ = jax.lax.scan(body, carry, xs, unroll=_unroll(cfg, seg.count))
+        x, kvs[s], scales[s] = carry
     logits = decode_logits(model, weights, x)
     cache = cache.replace(kv=tuple(kvs), scale=tuple(scales), lengths=pos + 1)
     return logits, cache

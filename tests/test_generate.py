@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.extend as jax_extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,8 +23,8 @@ from dsv2_jax.attention import attention_mask, mla_attention_reference
 from dsv2_jax.cache import (CACHE_KINDS, LayerView, cache_size, init_cache, mha_bytes_per_token, quantise,
                             read_layer)
 from dsv2_jax.cli import main as cli_main
-from dsv2_jax.decode import (absorb, absorbed_attention, decode_attention, decode_logits, few_row_head,
-                             mla_decode_blocked, mla_decode_xla, teacher_forced_logits)
+from dsv2_jax.decode import (absorb, absorbed_attention, decode_attention, decode_logits, few_row_products,
+                             decode_step, mla_decode_blocked, mla_decode_xla, prefill, teacher_forced_logits)
 from dsv2_jax.kernels.mla_decode import mla_decode_reference
 from dsv2_jax.generation import _generate_jit, bucket, sample_logits
 from dsv2_jax.rope import rope_cos_sin
@@ -192,8 +193,8 @@ def test_absorbed_attention_equals_expanded(hf_models):
         kv = jnp.pad(jnp.concatenate([c, kr], -1), ((0, 0), (0, 5), (0, 0)))  # 5 unused positions
         w = absorb(model)
         w_uk, w_uv = w.w_uk[1][0], w.w_uv[1][0]  # layer 1 = first of the MoE segment
-        absorbed = absorbed_attention(attn, x[:, -1:], cos[:, -1:], sin[:, -1:], kv,
-                                      jnp.full((2,), 10), w_uk, w_uv)[:, 0]
+        q_nope, q_rope = attn.queries(x[:, -1:], cos[:, -1:], sin[:, -1:])
+        absorbed = absorbed_attention(attn, q_nope, q_rope, kv, jnp.full((2,), 10), w_uk, w_uv)[:, 0]
         return absorbed, expanded
 
     absorbed, expanded = both(x)
@@ -223,21 +224,78 @@ def test_decode_core_contract_and_pallas_seam(monkeypatch):
     assert ref.rel_err(decode_attention(q, kv, lengths, v_dim=C, scale=0.3, impl="pallas"), want) <= 1e-6
 
 
-def test_few_row_head_gives_the_dot_logits():
-    """At 2-8 rows on one CPU device decode's logits come from the output head laid out
-    [vocab, D] (multiply-reduce); they equal the model's own head within float32 rounding,
-    and one row (or a larger batch) keeps the dot."""
-    cfg = dsv2_jax.load_config("tiny", num_hidden_layers=2)
+def test_few_row_products_give_the_dot_logits():
+    """At 2-8 rows on one CPU device decode multiplies by weights laid out [out, in]: the output
+    head [vocab, D] and every Linear of a decode step (q with its latent, kv_a, o_proj, the
+    dense MLP, the shared experts). Logits and the written cache equal the `dot` form's within
+    float32 rounding over several steps; one row (or a larger batch) keeps the dot."""
+    cfg = dsv2_jax.load_config("tiny", num_hidden_layers=3, q_lora_rank=24, n_shared_experts=2)
     model = dsv2_jax.init_model(cfg, seed=3)
-    x = jax.random.normal(jax.random.key(4), (3, 1, cfg.hidden_size), jnp.float32)
-    assert few_row_head(3) == (jax.default_backend() == "cpu" and jax.device_count() == 1)
-    assert not few_row_head(1) and not few_row_head(9)
-    w = absorb(model, 3)
-    assert w.head_rows is not None and w.head_rows.shape == (cfg.vocab_size, cfg.hidden_size)
-    want = model.logits_from_hidden(model.norm(x))[:, 0]
-    got = decode_logits(model, w, x)
+    B = 3
+    assert few_row_products(B) == (jax.default_backend() == "cpu" and jax.device_count() == 1)
+    assert not few_row_products(1) and not few_row_products(9)
+    rows, plain = absorb(model, B), absorb(model)
+    assert plain.head_rows is None and plain.row_states is None and absorb(model, 1).row_states is None
+    assert rows.head_rows.shape == (cfg.vocab_size, cfg.hidden_size)
+    L, D = model.segments[1].count, cfg.hidden_size
+    assert len(rows.row_states[1]) == L  # one state per layer
+    attn = jax.tree.map(lambda *a: jnp.stack(a), *[st["self_attn"] for st in rows.row_states[1]])
+    # [L, out, in]; q_a and kv_a stacked (one product per input); kv_b as stored (absorbed).
+    assert attn["a_rows"][...].shape == (L, cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim, D)
+    assert "q_a_proj" not in attn and "kv_a_proj_with_mqa" not in attn
+    assert attn["q_b_proj"]["kernel"][...].shape == (L, cfg.num_attention_heads * cfg.qk_head_dim,
+                                                     cfg.q_lora_rank)
+    assert attn["kv_b_proj"]["kernel"][...].shape == (L, cfg.kv_lora_rank, cfg.num_attention_heads
+                                                       * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+    shared = jax.tree.map(lambda *a: jnp.stack(a), *[st["mlp.shared_experts"] for st in rows.row_states[1]])
+    assert shared["gate_up_rows"][...].shape == (L, 2 * 2 * cfg.moe_intermediate_size, D)
+    assert set(rows.row_states[0][0]) == {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+    assert "mlp.shared_experts" in rows.row_states[1][0]
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (B, 12)), jnp.int32)
+    lengths = jnp.array([5, 9, 12], jnp.int32)
+
+    @jax.jit
+    def run(weights):
+        cache = init_cache(cfg, B, 64)
+        logits, cache = prefill(model, ids, lengths, cache)
+        return steps(weights, cache, logits)
+
+    def steps(weights, cache, logits):
+        out = []
+        for _ in range(2):
+            logits, cache = decode_step(model, weights, cache, jnp.argmax(logits, -1).astype(jnp.int32))
+            out.append(logits)
+        return jnp.stack(out), cache.kv
+
+    def weight_dots(weights):
+        """The decode steps' dot_generals with a weight of the model as an operand."""
+        layers = [seg.layers for seg in model.segments]
+        mods = [m.self_attn for m in layers] + [layers[0].mlp, layers[1].mlp.shared_experts]
+        shapes = {tuple(a.shape[-2:]) for m in mods for a in jax.tree.leaves(nnx.state(m, nnx.Param))
+                  if a.ndim >= 2}
+        shapes |= {tuple(model.output_kernel().shape), tuple(model.output_kernel().shape[::-1])}
+        cache, logits = init_cache(cfg, B, 64), jnp.zeros((B, cfg.vocab_size))
+        found = []
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "dot_general":
+                    found.extend(v.aval.shape for v in eqn.invars if tuple(v.aval.shape[-2:]) in shapes)
+                for sub in jax_extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+
+        walk(jax.make_jaxpr(steps)(weights, cache, logits).jaxpr)
+        return found
+
+    # The copies are what runs: no dot_general reads a weight (the plain path's head and
+    # projections do; the routed experts' windows read them by expert, not whole).
+    assert weight_dots(plain) and not weight_dots(rows), weight_dots(rows)
+    (got, kv_got), (want, kv_want) = run(rows), run(plain)
     assert got.dtype == jnp.float32 and ref.rel_err(got, want) <= 1e-6
-    assert absorb(model, 1).head_rows is None
+    for a, b in zip(kv_got, kv_want):
+        assert ref.rel_err(a, b) <= 1e-6
+    x = jax.random.normal(jax.random.key(4), (B, 1, cfg.hidden_size), jnp.float32)
+    assert ref.rel_err(decode_logits(model, rows, x), model.logits_from_hidden(model.norm(x))[:, 0]) <= 1e-6
 
 
 @pytest.mark.parametrize("kind", ["float32", "int8"])
