@@ -185,14 +185,12 @@ def work_case(spec):
 
 def main():
     assert jax.device_count() == 8, jax.devices()
-    layer_case("data=4,expert=2")
     layer_case("fsdp=2,expert=4")
     layer_case("expert=8", skew=True)          # one expert per device, every token to one device
     layer_case("fsdp=2,expert=2,tensor=2", ragged=True)
     layer_case("expert=4,data=2", ragged=True, skew=True)
     layer_case("data=8", train=False)
     layer_case("data=2,expert=4", B=2, T=7)     # 14 tokens over 8 shards: padded
-    layer_case("fsdp=4,tensor=2")
     capacity_case("data=2,expert=4")
     capacity_case("expert=8", factor=1.0)
     capacity_case("fsdp=4,tensor=2")           # simulated device groups, no expert axis

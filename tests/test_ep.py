@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_mesh import _metrics, _run
+from test_mesh import _metrics, _run, one_device_metrics
 from procenv import cpu_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,22 +25,18 @@ def _same_losses(a, b):
 def test_data_and_expert_parallel_matches_one_device_and_resumes(tmp_path):
     # tiny has 4 device groups; on expert=2 the devices are the groups, so say 2 for both runs.
     groups = ["--set", "num_hidden_layers=2", "num_device_groups=2"]
-    one = _run(tmp_path / "one", 1, groups)
-    assert one.returncode == 0, one.stderr[-2000:]
     r = _run(tmp_path / "ep", 4, [*groups, "--mesh", "data=2,expert=2", "--stop-after", "2"])
     assert r.returncode == 0, r.stderr[-2000:]
     r = _run(tmp_path / "ep", 4, [*groups, "--mesh", "data=2,expert=2"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout + r.stderr
-    _same_losses(_metrics(tmp_path / "one"), _metrics(tmp_path / "ep"))
+    _same_losses(one_device_metrics(tuple(groups)), _metrics(tmp_path / "ep"))
 
 
 def test_expert_parallel_4_matches_one_device(tmp_path):
-    one = _run(tmp_path / "one", 1)
-    assert one.returncode == 0, one.stderr[-2000:]
     r = _run(tmp_path / "ep", 4, ["--mesh", "expert=4"])
     assert r.returncode == 0, r.stderr[-2000:]
-    _same_losses(_metrics(tmp_path / "one"), _metrics(tmp_path / "ep"))
+    _same_losses(one_device_metrics(), _metrics(tmp_path / "ep"))
 
 
 def test_ep_moe_layer_matches_one_device():

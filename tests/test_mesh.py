@@ -2,10 +2,13 @@
 run, including a stop and resume on the mesh; bad meshes are refused clearly. Expert
 parallelism is tested in test_ep.py, FSDP and tensor parallelism in test_sharding.py."""
 
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -22,20 +25,30 @@ def _run(workdir, devices, extra=()):
     return r
 
 
+@functools.lru_cache(maxsize=None)
+def one_device_metrics(extra: tuple = ()) -> tuple:
+    """The one-device run of ARGS + extra, trained once per session and shared by the mesh
+    tests that compare against it (test_mesh.py, test_ep.py)."""
+    wd = os.path.join(tempfile.mkdtemp(prefix="dsv2-one-device-"), "run")
+    r = _run(wd, 1, list(extra))
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = tuple(_metrics(wd))
+    shutil.rmtree(os.path.dirname(wd), ignore_errors=True)
+    return metrics
+
+
 def _metrics(workdir):
     return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def test_data_parallel_matches_one_device_and_resumes(tmp_path):
-    one = _run(tmp_path / "one", 1)
-    assert one.returncode == 0, one.stderr[-2000:]
     # 4 devices: stop after step 2, then rerun to finish on the mesh.
     r = _run(tmp_path / "four", 4, ["--mesh", "data=4", "--stop-after", "2"])
     assert r.returncode == 0, r.stderr[-2000:]
     r = _run(tmp_path / "four", 4, ["--mesh", "data=4"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout + r.stderr
-    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "four")
+    a, b = one_device_metrics(), _metrics(tmp_path / "four")
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for key in ("loss", "ce", "expert_loss", "grad_norm"):
         np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=2e-5, err_msg=key)
