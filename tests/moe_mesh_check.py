@@ -116,7 +116,7 @@ def capacity_case(spec, factor=0.6):
     sizes = dict(mesh.shape)
     ep = sizes["expert"]
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-    cfg = moe_cfg(ep, num_hidden_layers=3, capacity_factor=factor, never_drop_fraction=0.3,
+    cfg = moe_cfg(ep, num_hidden_layers=2, capacity_factor=factor, never_drop_fraction=0.3,
                   comm_aux_loss_alpha=0.02, device_aux_loss_alpha=0.05, seq_aux=True)
     from dsv2_jax.model import DeepseekV2ForCausalLM
 
