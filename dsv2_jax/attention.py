@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv2_jax.config import DeepseekV2Config
-from dsv2_jax.layers import Linear, RMSNorm, dtype_of, rows_param, rows_product, use
+from dsv2_jax.layers import Linear, RMSNorm, dtype_of
 from dsv2_jax.rope import apply_rope
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -152,12 +152,11 @@ class MLA(nnx.Module):
 
     def to_rows_major(self):
         """In place, on a copy, for decode's few-row form: q_proj (or q_a_proj) and
-        kv_a_proj_with_mqa stacked into one weight [..., Q + C + R, D] (one product per input:
-        XLA:CPU materialises an input broadcast that two multiply-reduces share), q_b_proj
-        and o_proj laid out [..., out, in]. kv_b_proj stays: decode reads it only absorbed."""
+        kv_a_proj_with_mqa as one Linear `a_proj` [..., Q + C + R, D], q_b_proj and o_proj
+        laid out [..., out, in]. kv_b_proj stays: decode reads it only absorbed."""
         first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
-        self.a_rows = rows_param(first.kernel, self.kv_a_proj_with_mqa.kernel)
-        self.dtype = first.dtype
+        first.to_rows_major(self.kv_a_proj_with_mqa)
+        self.a_proj = first
         if self.cfg.q_lora_rank is None:
             del self.q_proj
         else:
@@ -182,7 +181,7 @@ class MLA(nnx.Module):
         multiplies x once by its stacked first projections."""
         if not self.rows_major:
             return (*self.queries(x, cos, sin), *self.latent(x, cos, sin))
-        a = rows_product(x.astype(self.dtype), use(self.a_rows, self.dtype)).astype(self.dtype)
+        a = self.a_proj(x)
         Q = a.shape[-1] - self.cfg.kv_lora_rank - self.cfg.qk_rope_head_dim
         return (*self._queries_of(a[..., :Q], cos, sin), *self._latent_of(a[..., Q:], cos, sin))
 

@@ -42,16 +42,6 @@ class RMSNorm(nnx.Module):
         return use(self.weight).astype(x.dtype) * xf.astype(x.dtype)
 
 
-def rows_param(*kernels: nnx.Param) -> nnx.Param:
-    """Kernels [..., in, out_k] sharing their input, as one weight laid out [..., sum out_k, in]
-    for `rows_product` (a copy)."""
-    value = jnp.concatenate([k[...] for k in kernels], axis=-1)
-    axes = tuple(kernels[0].get_metadata().get("logical_axes", ()))
-    if len(axes) >= 2:
-        axes = (*axes[:-2], axes[-1], axes[-2])
-    return nnx.Param(jnp.swapaxes(value, -1, -2), logical_axes=axes)
-
-
 def rows_product(x, w):
     """x [..., in] times a weight laid out [out, in] -> [..., out] float32, as a multiply-reduce
     along each output's row (y[m, o] = sum_i w[o, i] x[m, i]): how XLA:CPU streams a weight
@@ -76,9 +66,16 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.rows_major = False
 
-    def to_rows_major(self):
-        """In place, on a copy: the kernel laid out [..., out, in] (decode's few-row form)."""
-        self.kernel = rows_param(self.kernel)
+    def to_rows_major(self, *stacked: "Linear"):
+        """In place, on a copy, for decode's few-row form: the kernel laid out [..., out, in],
+        with the kernels of `stacked` (Linears of the same input) appended to its outputs.
+        One product per input: XLA:CPU materialises an input broadcast that two
+        multiply-reduces share."""
+        value = jnp.concatenate([self.kernel[...], *(k.kernel[...] for k in stacked)], axis=-1)
+        axes = tuple(self.kernel.get_metadata().get("logical_axes", ()))
+        if len(axes) >= 2:
+            axes = (*axes[:-2], axes[-1], axes[-2])
+        self.kernel = nnx.Param(jnp.swapaxes(value, -1, -2), logical_axes=axes)
         self.rows_major = True
 
     def __call__(self, x):
@@ -99,19 +96,18 @@ class MLP(nnx.Module):
         self.rows_major = False
 
     def to_rows_major(self):
-        """In place, on a copy: gate and up stacked into one weight [..., 2 hidden, dim] and
-        down laid out [..., dim, hidden] (decode's few-row form). One product per input:
-        XLA:CPU materialises an input broadcast that two multiply-reduces share."""
-        self.gate_up_rows = rows_param(self.gate_proj.kernel, self.up_proj.kernel)
-        self.dtype = self.gate_proj.dtype
+        """In place, on a copy, for decode's few-row form: gate and up as one Linear `gate_up`
+        [..., 2 hidden, dim], down laid out [..., dim, hidden]."""
+        self.gate_proj.to_rows_major(self.up_proj)
+        self.gate_up = self.gate_proj
         del self.gate_proj, self.up_proj
         self.down_proj.to_rows_major()
         self.rows_major = True
 
     def __call__(self, x):
         if self.rows_major:
-            gate, up = jnp.split(rows_product(x.astype(self.dtype), use(self.gate_up_rows, self.dtype)), 2, axis=-1)
-            return self.down_proj((jax.nn.silu(gate) * up).astype(self.dtype))
+            gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
+            return self.down_proj(jax.nn.silu(gate) * up)
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -241,14 +241,14 @@ def test_few_row_products_give_the_dot_logits():
     assert len(rows.row_states[1]) == L  # one state per layer
     attn = jax.tree.map(lambda *a: jnp.stack(a), *[st["self_attn"] for st in rows.row_states[1]])
     # [L, out, in]; q_a and kv_a stacked (one product per input); kv_b as stored (absorbed).
-    assert attn["a_rows"][...].shape == (L, cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim, D)
+    assert attn["a_proj"]["kernel"][...].shape == (L, cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim, D)
     assert "q_a_proj" not in attn and "kv_a_proj_with_mqa" not in attn
     assert attn["q_b_proj"]["kernel"][...].shape == (L, cfg.num_attention_heads * cfg.qk_head_dim,
                                                      cfg.q_lora_rank)
     assert attn["kv_b_proj"]["kernel"][...].shape == (L, cfg.kv_lora_rank, cfg.num_attention_heads
                                                        * (cfg.qk_nope_head_dim + cfg.v_head_dim))
     shared = jax.tree.map(lambda *a: jnp.stack(a), *[st["mlp.shared_experts"] for st in rows.row_states[1]])
-    assert shared["gate_up_rows"][...].shape == (L, 2 * 2 * cfg.moe_intermediate_size, D)
+    assert shared["gate_up"]["kernel"][...].shape == (L, 2 * 2 * cfg.moe_intermediate_size, D)
     assert set(rows.row_states[0][0]) == {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
     assert "mlp.shared_experts" in rows.row_states[1][0]
     ids = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (B, 12)), jnp.int32)
