@@ -25,3 +25,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# A directory shared by the session's processes (pytest-xdist workers inherit it), for results
+# that one worker computes and the others reuse (test_mesh.one_device_metrics).
+if "DSV2_TEST_SHARED_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _shared = tempfile.mkdtemp(prefix="dsv2-jax-test-shared-")
+    atexit.register(shutil.rmtree, _shared, ignore_errors=True)
+    os.environ["DSV2_TEST_SHARED_DIR"] = _shared

@@ -8,7 +8,8 @@
 * per-device work: the compiled step's MoE works on local rows only (no [tokens, E] array
   or routed-row array of the global batch) and its FLOPs fall with the device count.
 
-Prints one JSON line per case, then "all ok".
+Prints one JSON line per case, then "all ok". Arguments name groups of cases (CASES); none runs
+all of them.
 """
 
 import json
@@ -183,22 +184,39 @@ def work_case(spec):
     assert ratio < 2.0 / n, (spec, ratio)
 
 
-def main():
-    assert jax.device_count() == 8, jax.devices()
+def layer_cases():
     layer_case("fsdp=2,expert=4")
     layer_case("expert=8", skew=True)          # one expert per device, every token to one device
     layer_case("fsdp=2,expert=2,tensor=2", ragged=True)
     layer_case("expert=4,data=2", ragged=True, skew=True)
     layer_case("data=8", train=False)
     layer_case("data=2,expert=4", B=2, T=7)     # 14 tokens over 8 shards: padded
+
+
+def capacity_cases():
     capacity_case("data=2,expert=4")
     capacity_case("expert=8", factor=1.0)
     capacity_case("fsdp=4,tensor=2")           # simulated device groups, no expert axis
+
+
+def work_cases():
     work_case("data=8")
     work_case("data=2,expert=4")
+
+
+# Groups of cases a test can run apart (one process each, so that parallel test workers can
+# share them out).
+CASES = {"layer": layer_cases, "capacity": capacity_cases, "work": work_cases}
+
+
+def main(groups):
+    """Runs the named groups of cases (all of them without arguments)."""
+    assert jax.device_count() == 8, jax.devices()
+    for g in groups or CASES:
+        CASES[g]()
     print("all ok")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
     sys.exit(0)

@@ -2,7 +2,9 @@
 run, including a stop and resume on the mesh; bad meshes are refused clearly. Expert
 parallelism is tested in test_ep.py, FSDP and tensor parallelism in test_sharding.py."""
 
+import fcntl
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -28,13 +30,23 @@ def _run(workdir, devices, extra=()):
 @functools.lru_cache(maxsize=None)
 def one_device_metrics(extra: tuple = ()) -> tuple:
     """The one-device run of ARGS + extra, trained once per session and shared by the mesh
-    tests that compare against it (test_mesh.py, test_ep.py)."""
-    wd = os.path.join(tempfile.mkdtemp(prefix="dsv2-one-device-"), "run")
-    r = _run(wd, 1, list(extra))
-    assert r.returncode == 0, r.stderr[-2000:]
-    metrics = tuple(_metrics(wd))
-    shutil.rmtree(os.path.dirname(wd), ignore_errors=True)
-    return metrics
+    tests that compare against it (test_mesh.py, test_ep.py), in every worker process: the
+    first to ask trains under a lock in the session's shared directory, the others read."""
+    shared = os.environ["DSV2_TEST_SHARED_DIR"]  # set by conftest.py
+    key = hashlib.sha256(json.dumps(list(extra)).encode()).hexdigest()[:16]
+    path = os.path.join(shared, f"one-device-{key}.json")
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(path):
+            wd = os.path.join(tempfile.mkdtemp(prefix="dsv2-one-device-"), "run")
+            r = _run(wd, 1, list(extra))
+            assert r.returncode == 0, r.stderr[-2000:]
+            with open(path + ".tmp", "w") as f:
+                json.dump(_metrics(wd), f)
+            os.replace(path + ".tmp", path)
+            shutil.rmtree(os.path.dirname(wd), ignore_errors=True)
+    with open(path) as f:
+        return tuple(json.load(f))
 
 
 def _metrics(workdir):

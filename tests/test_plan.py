@@ -57,6 +57,11 @@ def _label(name, overrides):
     return f"{what}, {overrides['num_hidden_layers']} layers, remat {overrides['remat']}"
 
 
+# The tests that read `compiled` run in one worker under pytest-xdist (--dist loadgroup), so
+# the five compiles are made once.
+PLAN_GROUP = pytest.mark.xdist_group("plan_compiles")
+
+
 @pytest.fixture(scope="module")
 def compiled():
     # The session's -O0 LLVM flag leaves memory_analysis() unchanged (the buffers are assigned
@@ -82,6 +87,7 @@ def _compare(compiled):
 
 
 @pytest.mark.slow
+@PLAN_GROUP
 def test_planner_agrees_with_memory_analysis_within_15_percent(compiled):
     rows = _compare(compiled)
     print(f"\n| config | mesh | batch x seq | planner GB | memory_analysis GB (args + temp) | error |")
@@ -96,6 +102,7 @@ def test_planner_agrees_with_memory_analysis_within_15_percent(compiled):
 
 
 @pytest.mark.slow
+@PLAN_GROUP
 def test_planner_state_bytes_are_the_compiled_arguments(compiled):
     """Parameters + optimizer state from the rules table equal what the compiled step takes
     as arguments (less the int32 batch): the per-parameter shard factors are the real ones."""
@@ -107,6 +114,7 @@ def test_planner_state_bytes_are_the_compiled_arguments(compiled):
 
 
 @pytest.mark.slow
+@PLAN_GROUP
 def test_the_comparison_can_fail(compiled):
     """Without the gradients, or without the backward's working set, some pair is off by
     more than 15%: the tolerance is tight enough to catch a missing term."""

@@ -26,20 +26,25 @@ def _python(code_or_file, devices, *args, timeout=900):
     return r.stdout
 
 
-def test_six_meshes_equal_one_device_and_split_the_work():
-    out = _python(os.path.join(HERE, "mesh_check.py"), 8)
+# The six meshes in two processes of three, so that parallel test workers can share them.
+_MESH_GROUPS = [("data=8", "fsdp=8", "tensor=8"), ("fsdp=4,tensor=2", "data=2,expert=4", "fsdp=2,expert=2,tensor=2")]
+
+
+@pytest.mark.parametrize("meshes", _MESH_GROUPS, ids=["one_axis", "two_or_three_axes"])
+def test_six_meshes_equal_one_device_and_split_the_work(meshes):
+    out = _python(os.path.join(HERE, "mesh_check.py"), 8, *meshes)
     assert "all ok" in out
     rows = {r["mesh"]: r for r in map(json.loads, [s for s in out.splitlines() if s.startswith("{")])}
-    assert set(rows) == {"data=8", "fsdp=8", "fsdp=4,tensor=2", "tensor=8", "data=2,expert=4",
-                         "fsdp=2,expert=2,tensor=2"}
+    assert set(rows) == set(meshes)
     for r in rows.values():
         print(r["mesh"], r["errors"])
-    total = rows["fsdp=8"]["param_bytes_total"]
-    assert rows["fsdp=8"]["param_bytes_per_device"] <= 1.05 * total / 8
-    assert rows["data=8"]["param_bytes_per_device"] == total
-    # data=8 and fsdp=8: each device computes its own eighth of the batch.
-    for mesh in ("data=8", "fsdp=8"):
-        assert rows[mesh]["flops_per_device"] < 0.2 * rows[mesh]["flops_one_device"], mesh
+    if "fsdp=8" in rows:
+        total = rows["fsdp=8"]["param_bytes_total"]
+        assert rows["fsdp=8"]["param_bytes_per_device"] <= 1.05 * total / 8
+        assert rows["data=8"]["param_bytes_per_device"] == total
+        # data=8 and fsdp=8: each device computes its own eighth of the batch.
+        for mesh in ("data=8", "fsdp=8"):
+            assert rows[mesh]["flops_per_device"] < 0.2 * rows[mesh]["flops_one_device"], mesh
 
 
 def test_train_on_fsdp_expert_tensor_gives_the_one_device_losses(tmp_path):
