@@ -57,13 +57,8 @@ def _label(name, overrides):
     return f"{what}, {overrides['num_hidden_layers']} layers, remat {overrides['remat']}"
 
 
-# The tests that read `compiled` run in one worker under pytest-xdist (--dist loadgroup), so
-# the five compiles are made once.
-PLAN_GROUP = pytest.mark.xdist_group("plan_compiles")
-
-
-@pytest.fixture(scope="module")
-def compiled():
+def _compile_pairs():
+    """memory_analysis() of the real train step for every pair, in one subprocess."""
     # The session's -O0 LLVM flag leaves memory_analysis() unchanged (the buffers are assigned
     # before code generation; all five figures measured equal) and saves a quarter of the time.
     env = cpu_env(8)
@@ -86,10 +81,7 @@ def _compare(compiled):
     return out
 
 
-@pytest.mark.slow
-@PLAN_GROUP
-def test_planner_agrees_with_memory_analysis_within_15_percent(compiled):
-    rows = _compare(compiled)
+def _totals_agree(rows):
     print(f"\n| config | mesh | batch x seq | planner GB | memory_analysis GB (args + temp) | error |")
     print("|---|---|---|---|---|---|")
     for name, overrides, mesh, batch, seq, plan, m, measured in rows:
@@ -101,27 +93,33 @@ def test_planner_agrees_with_memory_analysis_within_15_percent(compiled):
         assert abs(err) < 0.15, (name, overrides, mesh, plan.memory, m)
 
 
-@pytest.mark.slow
-@PLAN_GROUP
-def test_planner_state_bytes_are_the_compiled_arguments(compiled):
+def _state_bytes_are_the_compiled_arguments(rows):
     """Parameters + optimizer state from the rules table equal what the compiled step takes
     as arguments (less the int32 batch): the per-parameter shard factors are the real ones."""
-    for (name, overrides, mesh, batch, seq), m in zip(PAIRS, compiled):
-        plan = make_plan(_cfg(name, overrides), mesh, batch, seq, target="cpu")
+    for name, overrides, mesh, batch, seq, plan, m, measured in rows:
         state = plan.memory["parameters"] + plan.memory["optimizer"]
         batch_bytes = 5 * batch * seq * 4 // token_shards(mesh_sizes(mesh))  # int32 [B, T] x 5
         assert abs(m["argument_gb"] * GB - batch_bytes - state) < 1e-4 * state + 1e4, (mesh, plan.memory)
 
 
-@pytest.mark.slow
-@PLAN_GROUP
-def test_the_comparison_can_fail(compiled):
+def _the_comparison_can_fail(rows):
     """Without the gradients, or without the backward's working set, some pair is off by
     more than 15%: the tolerance is tight enough to catch a missing term."""
-    rows = _compare(compiled)
     for term in ("gradients", "working set"):
         worst = max(abs((plan.total - plan.memory[term]) / measured - 1) for *_, plan, m, measured in rows)
         assert worst > 0.15, term
+
+
+@pytest.mark.slow
+def test_planner_agrees_with_memory_analysis_within_15_percent():
+    """The planner's total within 15% of the compiled step's, its state bytes equal to the
+    compiled arguments, and a tolerance that catches a missing term. One test over one
+    subprocess's five compiles (~2 minutes), so that parallel test workers never make them
+    twice."""
+    rows = _compare(_compile_pairs())
+    _totals_agree(rows)
+    _state_bytes_are_the_compiled_arguments(rows)
+    _the_comparison_can_fail(rows)
 
 
 def test_plan_runs_instantly_at_any_device_count():
