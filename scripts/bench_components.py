@@ -9,7 +9,8 @@ alternating ours (jit) and transformers (PyTorch autograd) round by round:
 * attention: layer 1's MLA (q, latent kv, up-projection, causal attention, output);
 * moe: layer 1's MoE (router, 6 of 32 routed experts per token, 2 shared);
 * dense mlp: layer 0's SwiGLU MLP;
-* head + ce: final norm, output head and the cross entropy.
+* head + ce: final norm, output head and the cross entropy (ours: the train step's
+  `chunked_cross_entropy`).
 
 Prints one row per part (ms each side, ratio transformers / ours, share of our sum) and a JSON
 line. A ratio under 1 is where this project is slower.
@@ -38,7 +39,9 @@ def main():
 
     from dsv2_jax.attention import attention_mask
     from dsv2_jax.benchmark import bench_config, models
+    from dsv2_jax.layers import use
     from dsv2_jax.rope import rope_cos_sin
+    from dsv2_jax.train.loss import chunked_cross_entropy
 
     cfg = bench_config()
     hf, model = models(cfg)
@@ -48,6 +51,7 @@ def main():
     x_np = rng.normal(size=(B, T, D)).astype(np.float32)
     labels_np = rng.integers(0, cfg.vocab_size, (B, T))
     x, labels = jnp.asarray(x_np), jnp.asarray(labels_np, jnp.int32)
+    ones = jnp.ones((B, T), jnp.float32)
     tx = torch.tensor(x_np, requires_grad=True)
     tlabels = torch.as_tensor(labels_np, dtype=torch.long)
 
@@ -57,6 +61,10 @@ def main():
     mask = attention_mask(seg, seg)
     pos_t = torch.arange(T)[None].expand(B, T)
     freqs = hf.model.rotary_emb(tx, pos_t)
+
+    class Head(nnx.Module):  # the final norm and output head alone (no gradient of the rest)
+        def __init__(self, norm, lm_head):
+            self.norm, self.lm_head = norm, lm_head
 
     l0, l1 = model.layer(0), model.layer(1)
     h0, h1 = hf.model.layers[0], hf.model.layers[1]
@@ -73,10 +81,6 @@ def main():
             f(tx).backward()
         return run
 
-    def ce(logits, y):
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        return -jnp.mean(jnp.take_along_axis(logp, y[..., None], -1))
-
     parts = {
         "attention": (ours(l1.self_attn, lambda m, x: jnp.sum(m(x, cos, sin, mask) ** 2)),
                       theirs(lambda x: (h1.self_attn(x, attention_mask=None, position_embeddings=freqs)[0] ** 2).sum(),
@@ -85,7 +89,9 @@ def main():
                 theirs(lambda x: (h1.mlp(x) ** 2).sum(), list(h1.mlp.parameters()))),
         "dense mlp": (ours(l0.mlp, lambda m, x: jnp.sum(m(x) ** 2)),
                       theirs(lambda x: (h0.mlp(x) ** 2).sum(), list(h0.mlp.parameters()))),
-        "head + ce": (ours(model, lambda m, x: ce(m.logits_from_hidden(m.norm(x)), labels)),
+        "head + ce": (ours(Head(model.norm, model.lm_head),
+                           lambda m, x: chunked_cross_entropy(m.norm(x), use(m.lm_head.kernel), labels, ones,
+                                                              cfg.ce_chunk)[0] / (B * T)),
                       theirs(lambda x: torch.nn.functional.cross_entropy(
                           hf.lm_head(hf.model.norm(x)).view(B * T, -1), tlabels.view(-1)),
                           list(hf.lm_head.parameters()) + list(hf.model.norm.parameters()))),
