@@ -216,6 +216,25 @@ def test_chunked_cross_entropy_equals_the_plain_one_and_its_gradient():
     assert float(chunked_cross_entropy(h, w, tgt, mask, 8)[1]) == float(mask.sum())
 
 
+def test_chunked_cross_entropy_gradient_in_bf16_has_the_operands_dtype():
+    """The loss's own backward returns bf16 cotangents for bf16 hidden states and weights
+    (float32 accumulation), within bf16 rounding of the float32 gradient."""
+    from dsv2_jax.train.loss import chunked_cross_entropy
+
+    rng = np.random.default_rng(1)
+    B, T, D, V = 2, 19, 24, 77
+    h = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((D, V)) * 0.3, jnp.float32)
+    tgt = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    mask = jnp.ones((B, T), jnp.int32)
+    grad = jax.grad(lambda h, w: chunked_cross_entropy(h, w, tgt, mask, 8)[0], argnums=(0, 1))
+    g32 = grad(h, w)
+    g16 = grad(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    for a, b in zip(g16, g32):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), rtol=0, atol=0.03 * float(jnp.abs(b).max()))
+
+
 def test_chunked_loss_never_holds_the_full_logits():
     """A step's compiled temporaries at vocab 102,400: the chunked loss needs a fraction of
     the plain one (which holds the [tokens, vocab] float32 logits and their gradient)."""
