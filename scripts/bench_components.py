@@ -70,7 +70,7 @@ def main():
     h0, h1 = hf.model.layers[0], hf.model.layers[1]
 
     def ours(module, f):
-        g = nnx.jit(nnx.grad(lambda m, x: f(m, x), argnums=(0, 1)))
+        g = nnx.jit(nnx.grad(f, argnums=(0, 1)))
         return lambda: jax.block_until_ready(g(module, x))
 
     def theirs(f, params):

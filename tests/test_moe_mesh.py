@@ -4,8 +4,6 @@ The 8-device cases run in a subprocess (moe_mesh_check.py)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,23 +11,14 @@ import numpy as np
 import pytest
 
 from dsv2_jax import DeepseekV2Config, load_config
-from procenv import cpu_env
+from procenv import run_python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-
-def _run(code_or_file, devices=8, timeout=1200, args=()):
-    env = cpu_env(devices)
-    cmd = [sys.executable] + ([code_or_file] if code_or_file.endswith(".py") else ["-c", code_or_file]) + list(args)
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
 
 
 @pytest.mark.parametrize("group", ["layer", "capacity", "work"])
 def test_moe_on_the_mesh_equals_one_device_and_works_per_shard(group):
-    out = _run(os.path.join(HERE, "moe_mesh_check.py"), args=[group])
+    out = run_python(os.path.join(HERE, "moe_mesh_check.py"), 8, group, timeout=1200)
     assert "all ok" in out
     rows = [json.loads(s) for s in out.splitlines() if s.startswith("{")]
     for r in rows:
@@ -140,7 +129,7 @@ for platform in ("cuda", "tpu"):
 
 
 def test_ragged_exchange_lowers_for_cuda_and_tpu():
-    out = _run(_LOWER)
+    out = run_python(_LOWER, 8, timeout=1200)
     assert "cuda ok" in out and "tpu ok" in out, out
 
 

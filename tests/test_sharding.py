@@ -12,18 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from procenv import cpu_env
+from procenv import cpu_env, run_python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def _python(code_or_file, devices, *args, timeout=900):
-    cmd = [sys.executable] + ([code_or_file] if code_or_file.endswith(".py") else ["-c", code_or_file])
-    r = subprocess.run(cmd + list(args), env=cpu_env(devices), capture_output=True, text=True,
-                       timeout=timeout, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
 
 
 # The six meshes in two processes of three, so that parallel test workers can share them.
@@ -32,7 +24,7 @@ _MESH_GROUPS = [("data=8", "fsdp=8", "tensor=8"), ("fsdp=4,tensor=2", "data=2,ex
 
 @pytest.mark.parametrize("meshes", _MESH_GROUPS, ids=["one_axis", "two_or_three_axes"])
 def test_six_meshes_equal_one_device_and_split_the_work(meshes):
-    out = _python(os.path.join(HERE, "mesh_check.py"), 8, *meshes)
+    out = run_python(os.path.join(HERE, "mesh_check.py"), 8, *meshes)
     assert "all ok" in out
     rows = {r["mesh"]: r for r in map(json.loads, [s for s in out.splitlines() if s.startswith("{")])}
     assert set(rows) == set(meshes)
@@ -95,7 +87,7 @@ print(json.dumps(out))
 
 
 def test_fsdp_splits_parameters_and_adam_moments_eightfold():
-    out = json.loads(_python(_STATE_BYTES, 8).strip().splitlines()[-1])
+    out = json.loads(run_python(_STATE_BYTES, 8).strip().splitlines()[-1])
     for name in ("tiny", "v2-lite", "v2"):
         rep, split = out[f"{name} data=8"], out[f"{name} fsdp=8"]
         print(name, {k: f"{rep[k] / 1e9:.2f} GB -> {split[k] / 1e9:.2f} GB" for k in rep})
@@ -137,7 +129,7 @@ print("per device", shard_bytes(state), "total", total)
 
 
 def test_fresh_state_is_created_sharded_with_the_one_device_values():
-    out = _python(_INIT, 8)
+    out = run_python(_INIT, 8)
     per, total = (int(x) for x in out.split()[-3::2])
     assert per <= 1.05 * total / 8
 
@@ -158,7 +150,7 @@ def checkpoints(tmp_path_factory):
 
 def test_sharded_loading_equals_one_device_and_reads_only_shards(checkpoints):
     hf, ob = checkpoints
-    out = _python(os.path.join(HERE, "sharded_load_check.py"), 8, hf, ob)
+    out = run_python(os.path.join(HERE, "sharded_load_check.py"), 8, hf, ob)
     print(out)
     assert "all ok" in out
 
@@ -190,7 +182,7 @@ print("ok")
 
 
 def test_grad_accum_keeps_each_devices_micro_batches_its_own():
-    assert "ok" in _python(_MICRO, 4)
+    assert "ok" in run_python(_MICRO, 4)
 
 
 def test_chunked_cross_entropy_equals_the_plain_one_and_its_gradient():
@@ -275,7 +267,7 @@ try:
 except ShardingError as e:
     print("refused:", e)
 """
-    out = _python(code, 8)
+    out = run_python(code, 8)
     lines = [s for s in out.splitlines() if s.startswith("refused:")]
     assert len(lines) == 2, out
     assert "layers.mlp." in lines[0] and "383" in lines[0] and "tensor=2" in lines[0]
