@@ -132,10 +132,22 @@ class AbsorbedWeights:
     w_uk: tuple  # per segment [L, N, C, P]
     w_uv: tuple  # per segment [L, N, C, V]
     head_rows: jax.Array | None = None  # the output head as [vocab, D] (see `few_row_products`)
-    # Per segment, the decode parts in the few-row form (`few_row_products`): a tuple of one
-    # state per layer here, graphdefs (static) beside; None: decode splits the model's parts.
-    row_states: tuple | None = None
-    row_graphdefs: tuple | None = struct.field(pytree_node=False, default=None)
+    # Per segment, copies of the decode parts, one state per layer (`layer_copies`), in the
+    # few-row form when `few_row_products`; graphdefs (static) beside; None: decode slices the
+    # model's stacked parts.
+    layer_states: tuple | None = None
+    layer_graphdefs: tuple | None = struct.field(pytree_node=False, default=None)
+
+
+def layer_copies(batch: int) -> bool:
+    """Whether decode runs on one copy of its parts per layer (made once per `generate` call,
+    the layers unrolled) instead of slicing each layer out of the segment's stacks: the one
+    place this choice is made. Only on one CPU device at 1-8 rows, where a step is a stream of
+    weights and XLA:CPU copies a layer's slice of a stacked weight before every product that
+    reads it (its fused products do not read slices in place): at one row that was ~1/4 of a
+    step's time (profile of the bench config's batch-1 decode). Costs a second copy of the
+    non-expert weights while generating; `few_row_products` picks the copies' layout."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and 1 <= batch <= 8
 
 
 def few_row_products(batch: int) -> bool:
@@ -150,21 +162,22 @@ def few_row_products(batch: int) -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() == 1 and 2 <= batch <= 8
 
 
-def _rows_major(graphdef, state):
-    """(graphdef, state) of a copy of a decode part (an MLA, an MLP, a norm) in the few-row
-    form: each weight a step multiplies laid out [..., out, in], weights that share an input
-    stacked (`to_rows_major` of MLA and MLP)."""
+def _copy_part(graphdef, state, rows: bool):
+    """(graphdef, state) of a copy of a decode part (an MLA, an MLP, a norm); with `rows`, in
+    the few-row form: each weight a step multiplies laid out [..., out, in], weights that
+    share an input stacked (`to_rows_major` of MLA and MLP)."""
     module = nnx.merge(graphdef, state)  # new module objects over the same arrays
-    if hasattr(module, "to_rows_major"):
+    if rows and hasattr(module, "to_rows_major"):
         module.to_rows_major()
     return nnx.split(module)
 
 
 def absorb(model, batch: int | None = None) -> AbsorbedWeights:
     """Splits every layer's kv_b_proj kernel [C, N*(P+V)] into per-head W_UK [N, C, P] and
-    W_UV [N, C, V], in the compute dtype, and, when `few_row_products(batch)`, lays the output
-    head out as [vocab, D] and every decode Linear as [out, in]. Done once per generate call,
-    outside the loop."""
+    W_UV [N, C, V], in the compute dtype; when `layer_copies(batch)`, copies the decode parts
+    one layer at a time, and when `few_row_products(batch)`, lays the output head out as
+    [vocab, D] and every decode Linear of those copies as [out, in]. Done once per generate
+    call, outside the loop."""
     cfg = model.cfg
     N, P, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
     dt = dtype_of(cfg.dtype)
@@ -175,18 +188,19 @@ def absorb(model, batch: int | None = None) -> AbsorbedWeights:
         w_uk.append(jnp.einsum("lcnp->lncp", k[..., :P]))
         w_uv.append(jnp.einsum("lcnv->lncv", k[..., P:]))
     out = AbsorbedWeights(tuple(w_uk), tuple(w_uv))
-    if batch is None or not few_row_products(batch):
+    if batch is None or not layer_copies(batch):
         return out
-    head = jnp.asarray(model.output_kernel(), dt).T  # [V, D], one copy per call
+    rows = few_row_products(batch)
     states, graphdefs = [], []
     for seg in model.segments:
-        parts = {name: _rows_major(*gs) for name, gs in _decode_parts(seg)[0].items()}
+        parts = {name: _copy_part(*gs, rows) for name, gs in _decode_parts(seg)[0].items()}
         graphdefs.append(tuple((k, g) for k, (g, _) in parts.items()))  # hashable: static
-        # One state per layer: XLA:CPU copies a layer's slice of a stacked weight into a
-        # multiply-reduce at every step (a `dot` reads it in place).
         stacked = {k: st for k, (_, st) in parts.items()}
         states.append(tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(seg.count)))
-    return out.replace(head_rows=head, row_states=tuple(states), row_graphdefs=tuple(graphdefs))
+    out = out.replace(layer_states=tuple(states), layer_graphdefs=tuple(graphdefs))
+    if rows:
+        out = out.replace(head_rows=jnp.asarray(model.output_kernel(), dt).T)  # [V, D], one copy per call
+    return out
 
 
 def decode_logits(model, weights: AbsorbedWeights, x):
@@ -334,9 +348,9 @@ def decode_step(model, weights: AbsorbedWeights, cache: LatentCache, tokens):
         parts, experts = _decode_parts(seg)
         graphdefs = {k: g for k, (g, _) in parts.items()}
         states = {k: st for k, (_, st) in parts.items()}
-        rows = weights.row_states is not None  # few_row_products: per-layer [out, in] copies
-        if rows:
-            graphdefs = dict(weights.row_graphdefs[s])
+        per_layer = weights.layer_states is not None  # layer_copies
+        if per_layer:
+            graphdefs = dict(weights.layer_graphdefs[s])
 
         def body(carry, xs, graphdefs=graphdefs, experts=experts):
             h, kv, scale = carry
@@ -360,8 +374,8 @@ def decode_step(model, weights: AbsorbedWeights, cache: LatentCache, tokens):
             return (h + ffn, kv, scale), None
 
         carry = (x, kvs[s], scales[s])
-        if rows:  # one copy per layer, the layers unrolled: no per-step slice of a stack
-            for i, layer_states in enumerate(weights.row_states[s]):
+        if per_layer:  # one copy per layer, the layers unrolled: no per-step slice of a stack
+            for i, layer_states in enumerate(weights.layer_states[s]):
                 carry, _ = body(carry, (layer_states, weights.w_uk[s][i], weights.w_uv[s][i], i))
         else:
             xs = (states, weights.w_uk[s], weights.w_uv[s], jnp.arange(seg.count))

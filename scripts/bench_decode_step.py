@@ -44,11 +44,11 @@ def main() -> None:
     cache = jax.jit(lambda st: prefill(nnx.merge(graphdef, st), ids, lengths,
                                        init_cache(cfg, B, T + a.steps + 64))[1])(state)
     rows = jax.jit(lambda st: absorb(nnx.merge(graphdef, st), B))(state)
-    if rows.row_states is None:
+    if rows.head_rows is None:
         raise SystemExit(f"batch {B} on {jax.default_backend()} x {jax.device_count()} device(s) "
                          "does not take the few-row form (decode.few_row_products)")
     forms = {"dot": AbsorbedWeights(rows.w_uk, rows.w_uv),
-             "head": rows.replace(row_states=None, row_graphdefs=None), "rows": rows}
+             "head": rows.replace(layer_states=None, layer_graphdefs=None), "rows": rows}
 
     @jax.jit
     def run(weights, cache, st):

@@ -24,7 +24,7 @@ from dsv2_jax.cache import (CACHE_KINDS, LayerView, cache_size, init_cache, mha_
                             read_layer)
 from dsv2_jax.cli import main as cli_main
 from dsv2_jax.decode import (absorb, absorbed_attention, decode_attention, decode_logits, few_row_products,
-                             decode_step, mla_decode_blocked, mla_decode_xla, prefill, teacher_forced_logits)
+                             layer_copies, decode_step, mla_decode_blocked, mla_decode_xla, prefill, teacher_forced_logits)
 from dsv2_jax.kernels.mla_decode import mla_decode_reference
 from dsv2_jax.generation import _generate_jit, bucket, sample_logits
 from dsv2_jax.rope import rope_cos_sin
@@ -224,35 +224,42 @@ def test_decode_core_contract_and_pallas_seam(monkeypatch):
     assert ref.rel_err(decode_attention(q, kv, lengths, v_dim=C, scale=0.3, impl="pallas"), want) <= 1e-6
 
 
-def test_few_row_products_give_the_dot_logits():
-    """At 2-8 rows on one CPU device decode multiplies by weights laid out [out, in]: the output
-    head [vocab, D] and every Linear of a decode step (q with its latent, kv_a, o_proj, the
-    dense MLP, the shared experts). Logits and the written cache equal the `dot` form's within
-    float32 rounding over several steps; one row (or a larger batch) keeps the dot."""
+@pytest.mark.parametrize("B", [1, 3])
+def test_few_row_products_give_the_dot_logits(B):
+    """At 1-8 rows on one CPU device decode runs on one copy of its parts per layer, and at
+    2-8 rows those copies and the output head are laid out [out, in] (the head [vocab, D],
+    every Linear of a decode step: q with its latent, kv_a, o_proj, the dense MLP, the shared
+    experts). Logits and the written cache equal the plain stacked `dot` form's within float32
+    rounding over several steps; one row keeps the dot layout."""
     cfg = dsv2_jax.load_config("tiny", num_hidden_layers=3, q_lora_rank=24, n_shared_experts=2)
     model = dsv2_jax.init_model(cfg, seed=3)
-    B = 3
-    assert few_row_products(B) == (jax.default_backend() == "cpu" and jax.device_count() == 1)
-    assert not few_row_products(1) and not few_row_products(9)
+    one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    assert few_row_products(3) == one_cpu and layer_copies(1) == one_cpu and layer_copies(8) == one_cpu
+    assert not few_row_products(1) and not few_row_products(9) and not layer_copies(9)
     rows, plain = absorb(model, B), absorb(model)
-    assert plain.head_rows is None and plain.row_states is None and absorb(model, 1).row_states is None
-    assert rows.head_rows.shape == (cfg.vocab_size, cfg.hidden_size)
+    assert plain.head_rows is None and plain.layer_states is None
     L, D = model.segments[1].count, cfg.hidden_size
-    assert len(rows.row_states[1]) == L  # one state per layer
-    attn = jax.tree.map(lambda *a: jnp.stack(a), *[st["self_attn"] for st in rows.row_states[1]])
-    # [L, out, in]; q_a and kv_a stacked (one product per input); kv_b as stored (absorbed).
-    assert attn["a_proj"]["kernel"][...].shape == (L, cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim, D)
-    assert "q_a_proj" not in attn and "kv_a_proj_with_mqa" not in attn
-    assert attn["q_b_proj"]["kernel"][...].shape == (L, cfg.num_attention_heads * cfg.qk_head_dim,
-                                                     cfg.q_lora_rank)
+    assert len(rows.layer_states[1]) == L  # one state per layer
+    assert set(rows.layer_states[0][0]) == {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+    assert "mlp.shared_experts" in rows.layer_states[1][0]
+    attn = jax.tree.map(lambda *a: jnp.stack(a), *[st["self_attn"] for st in rows.layer_states[1]])
+    shared = jax.tree.map(lambda *a: jnp.stack(a), *[st["mlp.shared_experts"] for st in rows.layer_states[1]])
+    if B == 1:  # the copies as stored, [L, in, out]
+        assert rows.head_rows is None
+        assert attn["q_a_proj"]["kernel"][...].shape == (L, D, cfg.q_lora_rank)
+        assert shared["gate_proj"]["kernel"][...].shape == (L, D, 2 * cfg.moe_intermediate_size)
+    else:
+        assert rows.head_rows.shape == (cfg.vocab_size, cfg.hidden_size)
+        # [L, out, in]; q_a and kv_a stacked (one product per input); kv_b as stored (absorbed).
+        assert attn["a_proj"]["kernel"][...].shape == (L, cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim, D)
+        assert "q_a_proj" not in attn and "kv_a_proj_with_mqa" not in attn
+        assert attn["q_b_proj"]["kernel"][...].shape == (L, cfg.num_attention_heads * cfg.qk_head_dim,
+                                                         cfg.q_lora_rank)
+        assert shared["gate_up"]["kernel"][...].shape == (L, 2 * 2 * cfg.moe_intermediate_size, D)
     assert attn["kv_b_proj"]["kernel"][...].shape == (L, cfg.kv_lora_rank, cfg.num_attention_heads
                                                        * (cfg.qk_nope_head_dim + cfg.v_head_dim))
-    shared = jax.tree.map(lambda *a: jnp.stack(a), *[st["mlp.shared_experts"] for st in rows.row_states[1]])
-    assert shared["gate_up"]["kernel"][...].shape == (L, 2 * 2 * cfg.moe_intermediate_size, D)
-    assert set(rows.row_states[0][0]) == {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
-    assert "mlp.shared_experts" in rows.row_states[1][0]
     ids = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (B, 12)), jnp.int32)
-    lengths = jnp.array([5, 9, 12], jnp.int32)
+    lengths = jnp.array([5, 9, 12][-B:], jnp.int32)
 
     @jax.jit
     def run(weights):
@@ -287,9 +294,15 @@ def test_few_row_products_give_the_dot_logits():
         walk(jax.make_jaxpr(steps)(weights, cache, logits).jaxpr)
         return found
 
-    # The copies are what runs: no dot_general reads a weight (the plain path's head and
+    def scans(weights):
+        cache, logits = init_cache(cfg, B, 64), jnp.zeros((B, cfg.vocab_size))
+        return [e for e in jax.make_jaxpr(steps)(weights, cache, logits).jaxpr.eqns if e.primitive.name == "scan"]
+
+    # The copies are what runs: no scan slices a layer out of the stacks (the plain path's
+    # does), and at 2-8 rows no dot_general reads a weight (the plain path's head and
     # projections do; the routed experts' windows read them by expert, not whole).
-    assert weight_dots(plain) and not weight_dots(rows), weight_dots(rows)
+    assert scans(plain) and not scans(rows)
+    assert weight_dots(plain) and (B == 1 or not weight_dots(rows)), weight_dots(rows)
     (got, kv_got), (want, kv_want) = run(rows), run(plain)
     assert got.dtype == jnp.float32 and ref.rel_err(got, want) <= 1e-6
     for a, b in zip(kv_got, kv_want):

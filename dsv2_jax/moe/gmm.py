@@ -46,6 +46,19 @@ def window_rows(rows: int, n_experts: int) -> int:
     return int(min(128, max(8, 2 ** int(math.log2(max(1, mean_group // 2))))))
 
 
+def decode_window_rows(tokens: int) -> int:
+    """Rows per window when decode's few tokens go through their experts (forward only, each
+    window reads its expert's matrices once): 1 for one token (the products are then
+    vector-matrix), else half the largest power of two <= tokens, between 2 and 8. A window
+    per (token, expert) pair reads an expert once per token that chose it; wide windows
+    multiply mostly padding rows. Measured on XLA:CPU, bench shape (D 1024, F 352, 32
+    experts top-6), three layers per step: 1 token 11.5 ms (b = 8) -> 8.5 (b = 1); 4 tokens
+    37.3 (b = 8) -> 26.7 (b = 2); 8 tokens 42.8 (b = 8) -> 33.0 (b = 4)."""
+    if tokens <= 1:
+        return 1
+    return int(min(8, max(2, 2 ** int(math.log2(tokens)) // 2)))
+
+
 def _varying(a) -> set:
     """The manual mesh axes `a` varies over inside a shard_map (none outside one)."""
     mat = getattr(jax.typeof(a), "manual_axis_type", None)
@@ -127,13 +140,14 @@ def _swiglu_fwd(x, wg, wu, wd, group_sizes, b: int):
     return y, (x, wg, wu, wd, group_sizes, gate, up)
 
 
-def windowed_swiglu_stacked(x, w_gate, w_up, w_down, layer, group_sizes):
+def windowed_swiglu_stacked(x, w_gate, w_up, w_down, layer, group_sizes, tokens: int):
     """Forward only, for decode: the experts of layer `layer` of a segment's stacks
     [L, E, D, F] / [L, E, F, D], each matrix read in place (slicing the layer's [E, D, F] out
-    first would copy every expert of it, each step). x [M, D] sorted by expert -> [M, D]."""
+    first would copy every expert of it, each step). x [M, D] sorted by expert, the rows of
+    `tokens` tokens -> [M, D]."""
     mats = {"gate": w_gate, "up": w_up, "down": w_down}
     dt = x.dtype
-    b = window_rows(x.shape[0], w_gate.shape[1])
+    b = decode_window_rows(tokens)
     return _swiglu_loop(x, lambda e, n: mats[n][layer, e].astype(dt), group_sizes, b, keep_pre=False)[0]
 
 
@@ -282,5 +296,5 @@ def routed_experts_stacked(x, topk_idx, topk_weight, w_gate, w_up, w_down, layer
     read once, in place (for decode, where reading the weights is the cost)."""
     K = topk_idx.shape[1]
     order, pos, group_sizes = _by_expert(topk_idx, w_gate.shape[1])
-    ys = windowed_swiglu_stacked(x[order // K], w_gate, w_up, w_down, layer, group_sizes)
+    ys = windowed_swiglu_stacked(x[order // K], w_gate, w_up, w_down, layer, group_sizes, x.shape[0])
     return _combine(ys, order, pos, topk_weight, x.dtype)
