@@ -1,13 +1,15 @@
-"""One decode step of the bench config in three forms, timed side by side in one process.
+"""One decode step of the bench config in its forms, timed side by side in one process.
 
     python scripts/bench_decode_step.py                  # batch 4, 2048-token context
-    python scripts/bench_decode_step.py --batch 2 --context 256
+    python scripts/bench_decode_step.py --batch 1 --context 256
 
-Forms (see `dsv2_jax.decode.few_row_products`): `dot` (every product a `dot` with the
-weights as stored), `head` (only the output head laid out [vocab, D]) and `rows` (the head
-and every Linear of the step laid out [out, in], what `generate` uses at 2-8 rows on one CPU
-device). The cache is prefilled once with random tokens; each timing runs --steps decode
-steps in one jitted loop; rounds alternate the forms so that machine noise hits all three.
+Forms (see `dsv2_jax.decode.few_row_products` and `layer_copies`): `dot` (every product a
+`dot` with the weights as stored, each layer sliced out of the segment's stacks), `head`
+(only the output head laid out [vocab, D]) and `rows` (the head and every Linear of the step
+laid out [out, in] in one copy per layer, what `generate` uses at 2-8 rows on one CPU device);
+at batch 1, `dot` and `layers` (one copy per layer in the dot layout, what `generate` uses).
+The cache is prefilled once with random tokens; each timing runs --steps decode steps in one
+jitted loop; rounds alternate the forms so that machine noise hits them all.
 Prints milliseconds per step (median over rounds) and each round's figures.
 """
 
@@ -44,11 +46,14 @@ def main() -> None:
     cache = jax.jit(lambda st: prefill(nnx.merge(graphdef, st), ids, lengths,
                                        init_cache(cfg, B, T + a.steps + 64))[1])(state)
     rows = jax.jit(lambda st: absorb(nnx.merge(graphdef, st), B))(state)
-    if rows.head_rows is None:
+    if rows.layer_states is None:
         raise SystemExit(f"batch {B} on {jax.default_backend()} x {jax.device_count()} device(s) "
-                         "does not take the few-row form (decode.few_row_products)")
-    forms = {"dot": AbsorbedWeights(rows.w_uk, rows.w_uv),
-             "head": rows.replace(layer_states=None, layer_graphdefs=None), "rows": rows}
+                         "takes neither per-layer copies nor the few-row form (decode.layer_copies)")
+    forms = {"dot": AbsorbedWeights(rows.w_uk, rows.w_uv)}
+    if rows.head_rows is None:  # one row: the copies keep the dot layout
+        forms["layers"] = rows
+    else:
+        forms.update(head=rows.replace(layer_states=None, layer_graphdefs=None), rows=rows)
 
     @jax.jit
     def run(weights, cache, st):
@@ -72,7 +77,7 @@ def main() -> None:
     print(f"bench config, batch {B}, {T}-token context, {a.steps} steps x {a.rounds} rounds; "
           f"same greedy tokens in all forms: {same}")
     for k, v in ms.items():
-        print(f"{k:5s} {statistics.median(v):7.1f} ms/step   ({' '.join(f'{x:.1f}' for x in v)})")
+        print(f"{k:6s} {statistics.median(v):7.1f} ms/step   ({' '.join(f'{x:.1f}' for x in v)})")
 
 
 if __name__ == "__main__":

@@ -140,14 +140,14 @@ def _swiglu_fwd(x, wg, wu, wd, group_sizes, b: int):
     return y, (x, wg, wu, wd, group_sizes, gate, up)
 
 
-def windowed_swiglu_stacked(x, w_gate, w_up, w_down, layer, group_sizes, tokens: int):
+def windowed_swiglu_stacked(x, w_gate, w_up, w_down, layer, group_sizes, tokens: int, window: int | None = None):
     """Forward only, for decode: the experts of layer `layer` of a segment's stacks
     [L, E, D, F] / [L, E, F, D], each matrix read in place (slicing the layer's [E, D, F] out
     first would copy every expert of it, each step). x [M, D] sorted by expert, the rows of
-    `tokens` tokens -> [M, D]."""
+    `tokens` tokens -> [M, D]. window: rows per window (default `decode_window_rows`)."""
     mats = {"gate": w_gate, "up": w_up, "down": w_down}
     dt = x.dtype
-    b = decode_window_rows(tokens)
+    b = window or decode_window_rows(tokens)
     return _swiglu_loop(x, lambda e, n: mats[n][layer, e].astype(dt), group_sizes, b, keep_pre=False)[0]
 
 
@@ -290,11 +290,11 @@ def routed_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str,
     return _combine(ys, order, pos, topk_weight, x.dtype)
 
 
-def routed_experts_stacked(x, topk_idx, topk_weight, w_gate, w_up, w_down, layer):
+def routed_experts_stacked(x, topk_idx, topk_weight, w_gate, w_up, w_down, layer, window: int | None = None):
     """`routed_experts` (dropless, forward only) with the experts of layer `layer` of a
     segment's stacks w_gate / w_up [L, E, D, F], w_down [L, E, F, D], each chosen expert
     read once, in place (for decode, where reading the weights is the cost)."""
     K = topk_idx.shape[1]
     order, pos, group_sizes = _by_expert(topk_idx, w_gate.shape[1])
-    ys = windowed_swiglu_stacked(x[order // K], w_gate, w_up, w_down, layer, group_sizes, x.shape[0])
+    ys = windowed_swiglu_stacked(x[order // K], w_gate, w_up, w_down, layer, group_sizes, x.shape[0], window)
     return _combine(ys, order, pos, topk_weight, x.dtype)
