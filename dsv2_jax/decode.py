@@ -159,7 +159,7 @@ def few_row_products(batch: int) -> bool:
     reduce form reads it 2.4-3.5x faster (scripts/bench_small_m.py); it costs a second copy
     of those weights while generating. Accelerators multiply on their matrix units, and one
     row is a `dot`'s best case."""
-    return jax.default_backend() == "cpu" and jax.device_count() == 1 and 2 <= batch <= 8
+    return batch >= 2 and layer_copies(batch)  # laid out in the per-layer copies
 
 
 def _copy_part(graphdef, state, rows: bool):

@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from procenv import cpu_env, run_python
+from procenv import ROOT, cpu_env, run_python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 # The six meshes in two processes of three, so that parallel test workers can share them.

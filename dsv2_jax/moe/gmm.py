@@ -51,9 +51,9 @@ def decode_window_rows(tokens: int) -> int:
     window reads its expert's matrices once): 1 for one token (the products are then
     vector-matrix), else half the largest power of two <= tokens, between 2 and 8. A window
     per (token, expert) pair reads an expert once per token that chose it; wide windows
-    multiply mostly padding rows. Measured on XLA:CPU, bench shape (D 1024, F 352, 32
-    experts top-6), three layers per step: 1 token 11.5 ms (b = 8) -> 8.5 (b = 1); 4 tokens
-    37.3 (b = 8) -> 26.7 (b = 2); 8 tokens 42.8 (b = 8) -> 33.0 (b = 4)."""
+    multiply mostly padding rows. `python scripts/bench_decode_moe.py` times every size (XLA:CPU,
+    bench shape, three layers per step; docs/benchmarks.md): 1 token 16.4 ms (b = 8) -> 9.3
+    (b = 1), 4 tokens 42.5 -> 27.0 (b = 2), 8 tokens 62.0 -> 51.4 (b = 4)."""
     if tokens <= 1:
         return 1
     return int(min(8, max(2, 2 ** int(math.log2(tokens)) // 2)))
@@ -140,14 +140,13 @@ def _swiglu_fwd(x, wg, wu, wd, group_sizes, b: int):
     return y, (x, wg, wu, wd, group_sizes, gate, up)
 
 
-def windowed_swiglu_stacked(x, w_gate, w_up, w_down, layer, group_sizes, tokens: int, window: int | None = None):
+def windowed_swiglu_stacked(x, w_gate, w_up, w_down, layer, group_sizes, b: int):
     """Forward only, for decode: the experts of layer `layer` of a segment's stacks
     [L, E, D, F] / [L, E, F, D], each matrix read in place (slicing the layer's [E, D, F] out
-    first would copy every expert of it, each step). x [M, D] sorted by expert, the rows of
-    `tokens` tokens -> [M, D]. window: rows per window (default `decode_window_rows`)."""
+    first would copy every expert of it, each step). x [M, D] sorted by expert, b rows per
+    window -> [M, D]."""
     mats = {"gate": w_gate, "up": w_up, "down": w_down}
     dt = x.dtype
-    b = window or decode_window_rows(tokens)
     return _swiglu_loop(x, lambda e, n: mats[n][layer, e].astype(dt), group_sizes, b, keep_pre=False)[0]
 
 
@@ -293,8 +292,10 @@ def routed_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str,
 def routed_experts_stacked(x, topk_idx, topk_weight, w_gate, w_up, w_down, layer, window: int | None = None):
     """`routed_experts` (dropless, forward only) with the experts of layer `layer` of a
     segment's stacks w_gate / w_up [L, E, D, F], w_down [L, E, F, D], each chosen expert
-    read once, in place (for decode, where reading the weights is the cost)."""
+    read once, in place (for decode, where reading the weights is the cost). window: rows per
+    window (default `decode_window_rows` of the tokens)."""
     K = topk_idx.shape[1]
     order, pos, group_sizes = _by_expert(topk_idx, w_gate.shape[1])
-    ys = windowed_swiglu_stacked(x[order // K], w_gate, w_up, w_down, layer, group_sizes, x.shape[0], window)
+    b = window or decode_window_rows(x.shape[0])
+    ys = windowed_swiglu_stacked(x[order // K], w_gate, w_up, w_down, layer, group_sizes, b)
     return _combine(ys, order, pos, topk_weight, x.dtype)
