@@ -229,13 +229,16 @@ def bench_prefill(cfg, hf, model, B, T, rounds) -> dict:
     import torch
     from flax import nnx
 
+    from dsv2_jax.compile_options import jit_forward
+
     ids, batch = _batch(cfg, B, T, seed=1)
-    fwd = nnx.jit(lambda m, x: m(x))
+    graphdef, state = nnx.split(model)
+    fwd = jit_forward(lambda st, x: nnx.merge(graphdef, st)(x))  # as `dsv2 eval` compiles
     hf.eval()
     tids = torch.as_tensor(ids[:, :T], dtype=torch.long)
 
     def ours():
-        jax.block_until_ready(fwd(model, batch["inputs"]))
+        jax.block_until_ready(fwd(state, batch["inputs"]))
 
     def theirs():
         with torch.no_grad():

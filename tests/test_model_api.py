@@ -222,3 +222,20 @@ def test_reduced_precision(model, param_dtype, dtype):
     same = np.asarray(routers[0].topk_idx) == np.asarray(ref_routers[0].topk_idx)
     assert same.mean() > 0.8, same.mean()
     assert err > 1e-5 or (param_dtype, dtype) == ("float32", "float32")  # bf16 really used
+
+
+def test_forward_compiler_options_give_the_default_logits(model):
+    """`dsv2 eval` and the bench's prefill compile with `forward_compiler_options` (on CPU:
+    YNNPACK for reductions only): the same logits as the default compile, at an odd shape."""
+    from dsv2_jax.compile_options import forward_compiler_options, jit_forward
+
+    opts = dict(forward_compiler_options())
+    if jax.default_backend() == "cpu":
+        assert opts, "this XLA:CPU should accept the forward options"
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (3, 13)), jnp.int32)
+    f = lambda st, x: nnx.merge(graphdef, st)(x)  # noqa: E731
+    want = np.asarray(jax.jit(f)(state, ids))
+    got = np.asarray(jit_forward(f)(state, ids))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert np.abs(want).max() > 1.0

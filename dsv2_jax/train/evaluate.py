@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dsv2_jax.compile_options import jit_forward
 from dsv2_jax.train.step import ModelFns, make_eval_step, params_of
 
 
@@ -47,7 +48,7 @@ def evaluate(model_path: str, data: str, *, batch_size: int = 8, seq_len: int = 
         # Every process holds the same batch; each device takes its rows.
         place = lambda v: jax.make_array_from_callback(v.shape, bsh, lambda idx: v[idx])
     cfg, params, fns = load_for_eval(model_path, mesh_obj)
-    step = jax.jit(make_eval_step(fns, cfg))
+    step = jit_forward(make_eval_step(fns, cfg))
     ce_sum, tokens, nbytes = 0.0, 0.0, 0
     bar = _EvalProgress(max_batches, enabled=progress and hosts.is_primary())
     try:

@@ -1,0 +1,41 @@
+"""XLA compiler options per kind of program: the one place they are chosen.
+
+A forward pass over many tokens (prefill, `dsv2 eval`) is a chain of large GEMMs. On
+XLA:CPU the default library fusions hand those products, and the elementwise work around
+them, to YNNPACK; for this model's shapes its products ran slower than XLA's own (Eigen)
+GEMMs: [2048, 1024] x [1024, 2816] 82 vs 112 GFLOP/s, the [2048, 1024] x [1024, 32000]
+head 77 vs 105 (float32, 2 cores), and the bench config's 4 x 512 forward measured 1.09-1.11x
+faster with only its reductions left to YNNPACK (docs/benchmarks.md). Decode steps keep the
+defaults: their few-row products stream weights faster through YNNPACK's reductions and fused
+products (a decode step measured 1.1-1.2x slower with the option). Training keeps them too
+(measured within 1% either way). Accelerators get no options.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_CPU_FORWARD = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def forward_compiler_options() -> tuple:
+    """(name, value) pairs for `jax.jit(..., compiler_options=dict(...))` of a many-token
+    forward pass: on CPU, YNNPACK kept for reductions only; nothing elsewhere, nor where this
+    XLA does not know the option (checked once by compiling a tiny program)."""
+    if jax.default_backend() != "cpu":
+        return ()
+    try:
+        jax.jit(lambda a: a @ a, compiler_options=_CPU_FORWARD).lower(jnp.ones((2, 2))).compile()
+    except Exception:  # an XLA without the option: the defaults
+        return ()
+    return tuple(_CPU_FORWARD.items())
+
+
+def jit_forward(fn, **kw):
+    """`jax.jit(fn, **kw)` compiled with `forward_compiler_options`."""
+    opts = dict(forward_compiler_options())
+    return jax.jit(fn, compiler_options=opts or None, **kw)
