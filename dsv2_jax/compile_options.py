@@ -1,14 +1,15 @@
 """XLA compiler options per kind of program: the one place they are chosen.
 
-A forward pass over many tokens (prefill, `dsv2 eval`) is a chain of large GEMMs. On
-XLA:CPU the default library fusions hand those products, and the elementwise work around
-them, to YNNPACK; for this model's shapes its products ran slower than XLA's own (Eigen)
-GEMMs: [2048, 1024] x [1024, 2816] 82 vs 112 GFLOP/s, the [2048, 1024] x [1024, 32000]
-head 77 vs 105 (float32, 2 cores), and the bench config's 4 x 512 forward measured 1.09-1.11x
-faster with only its reductions left to YNNPACK (docs/benchmarks.md). Decode steps keep the
-defaults: their few-row products stream weights faster through YNNPACK's reductions and fused
-products (a decode step measured 1.1-1.2x slower with the option). Training keeps them too
-(measured within 1% either way). Accelerators get no options.
+A forward pass over many tokens (`dsv2 eval`, the bench's prefill row) is a chain of large
+GEMMs. On XLA:CPU the default library fusions hand those products, and the elementwise work
+around them, to YNNPACK; at this model's shapes its products ran slower than XLA's own
+(Eigen) GEMMs: [2048, 1024] x [1024, 2816] 82 vs 112 GFLOP/s, the [2048, 1024] x
+[1024, 32000] head 77 vs 105 (float32, 2 cores). The bench config's 4 x 512 forward measured
+1.06-1.11x faster with only its reductions left to YNNPACK (scripts/bench_compile_options.py,
+docs/benchmarks.md). Decode steps keep the defaults: their few-row products stream weights
+faster through YNNPACK (a decode step measured 1.1-1.2x slower with the option), and
+`generate`'s prefill shares one program with its decode loop. Training keeps them too (1.01x
+and 1.05x in two side-by-side runs, within their rounds' spread). Accelerators get none.
 """
 
 from __future__ import annotations
