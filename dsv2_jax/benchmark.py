@@ -233,7 +233,7 @@ def bench_prefill(cfg, hf, model, B, T, rounds) -> dict:
 
     ids, batch = _batch(cfg, B, T, seed=1)
     graphdef, state = nnx.split(model)
-    fwd = jit_forward(lambda st, x: nnx.merge(graphdef, st)(x))  # as `dsv2 eval` compiles
+    fwd = jit_forward(lambda st, x: nnx.merge(graphdef, st)(x))  # the options `dsv2 eval` compiles with
     hf.eval()
     tids = torch.as_tensor(ids[:, :T], dtype=torch.long)
 

@@ -22,21 +22,26 @@ import jax.numpy as jnp
 _CPU_FORWARD = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
+def forward_compiler_options() -> dict:
+    """Options for `jax.jit(..., compiler_options=...)` of a many-token forward pass: on CPU,
+    YNNPACK kept for reductions only; none elsewhere, nor where this XLA does not know the
+    option."""
+    return dict(_CPU_FORWARD) if _cpu_forward_known() else {}
+
+
 @functools.cache
-def forward_compiler_options() -> tuple:
-    """(name, value) pairs for `jax.jit(..., compiler_options=dict(...))` of a many-token
-    forward pass: on CPU, YNNPACK kept for reductions only; nothing elsewhere, nor where this
-    XLA does not know the option (checked once by compiling a tiny program)."""
+def _cpu_forward_known() -> bool:
+    """Whether this process runs XLA:CPU and it takes the options (checked once, by compiling
+    a tiny program)."""
     if jax.default_backend() != "cpu":
-        return ()
+        return False
     try:
         jax.jit(lambda a: a @ a, compiler_options=_CPU_FORWARD).lower(jnp.ones((2, 2))).compile()
     except Exception:  # an XLA without the option: the defaults
-        return ()
-    return tuple(_CPU_FORWARD.items())
+        return False
+    return True
 
 
 def jit_forward(fn, **kw):
     """`jax.jit(fn, **kw)` compiled with `forward_compiler_options`."""
-    opts = dict(forward_compiler_options())
-    return jax.jit(fn, compiler_options=opts or None, **kw)
+    return jax.jit(fn, compiler_options=forward_compiler_options() or None, **kw)

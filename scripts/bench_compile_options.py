@@ -46,7 +46,7 @@ def main() -> None:
         fn = make_train_step(ModelFns.from_model(model), cfg, tx, sched)
         args = (init_state(params_of(model), tx), batch)
         out = lambda r: r[1]["loss"]  # noqa: E731
-    options = dict(forward_compiler_options())
+    options = forward_compiler_options()
     if not options:
         raise SystemExit(f"no forward options on {jax.default_backend()}: nothing to compare")
     compiled = {}

@@ -229,7 +229,7 @@ def test_forward_compiler_options_give_the_default_logits(model):
     YNNPACK for reductions only): the same logits as the default compile, at an odd shape."""
     from dsv2_jax.compile_options import forward_compiler_options, jit_forward
 
-    opts = dict(forward_compiler_options())
+    opts = forward_compiler_options()
     if jax.default_backend() == "cpu":
         assert opts, "this XLA:CPU should accept the forward options"
     graphdef, state = nnx.split(model)
