@@ -320,14 +320,18 @@ def prefill(model, ids, lengths, cache: LatentCache):
     x = model.embed_tokens(ids)
     for s, seg in enumerate(model.segments):
         graphdef, state = nnx.split(seg.layers)
+        experts = seg.stacked_experts(train=False)
 
-        def body(h, layer_state, graphdef=graphdef):
+        def body(h, xs, graphdef=graphdef, experts=experts):
+            layer_state, i = xs
             layer = nnx.merge(graphdef, layer_state)
             c, kr = layer.self_attn.latent(layer.input_layernorm(h), cos, sin)
-            h, _ = layer(h, cos, sin, mask, valid, segment_ids=segment_ids)
+            h, _ = layer(h, cos, sin, mask, valid, segment_ids=segment_ids,
+                         stacked_experts=None if experts is None else (experts, i))
             return h, jnp.concatenate([c, kr.astype(c.dtype)], axis=-1)
 
-        x, rows = jax.lax.scan(body, x, state, unroll=_unroll(cfg, seg.count))  # rows [L,B,T,K]
+        xs = (state, jnp.arange(seg.count, dtype=jnp.int32))
+        x, rows = jax.lax.scan(body, x, xs, unroll=_unroll(cfg, seg.count))  # rows [L,B,T,K]
         cache = fill_segment(cache, s, rows, lengths)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B,1,D]
     logits = model.logits_from_hidden(model.norm(last))[:, 0]

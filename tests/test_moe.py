@@ -157,6 +157,32 @@ def test_backend_gradients_agree(routing, seed):
             assert np.all(np.abs(np.asarray(a)[used]).reshape(len(used), -1).max(-1) > 0), name
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(SETTINGS, max_examples=8)
+@given(routing=routings(), seed=st.integers(0, 2**16))
+def test_layer_of_stacks_equals_its_slice(backend, routing, seed):
+    """Experts read from a segment's stacks by layer index (forward passes): the values and
+    the gradients of routing through layer i's slice; the other layers get no gradient."""
+    T, idx, weight = routing
+    L, i = 3, seed % 3
+    rng = np.random.default_rng(seed + 5)
+    per_layer = [_weights(seed + j) for j in range(L)]
+    stacks = [np.stack([w[k] for w in per_layer]) for k in range(3)]  # [L, E, ...] each
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    probe = rng.standard_normal((T, D)).astype(np.float32)
+
+    def loss(x, wg, wu, wd, layer):
+        return jnp.sum(routed_experts(x, idx, weight, wg, wu, wd, backend, layer=layer) * probe)
+
+    got, g_got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, *stacks, jnp.int32(i))
+    want, g_want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, *(s[i] for s in stacks), None)
+    _close(got, want)
+    _close(g_got[0], g_want[0])
+    for a, b in zip(g_got[1:], g_want[1:]):
+        _close(np.asarray(a)[i], b)
+        assert not np.any(np.delete(np.asarray(a), i, axis=0))
+
+
 def test_backend_choice_is_one_place():
     cfg = load_config("tiny")
     assert gmm_backend(cfg.replace(moe_backend="ragged_dot")) == "ragged_dot"

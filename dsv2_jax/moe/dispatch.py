@@ -90,9 +90,10 @@ def _psum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
 
 
-def shard_forward(x, valid, router_kernel, w_gate, w_up, w_down, spec: ShardSpec):
+def shard_forward(x, valid, router_kernel, w_gate, w_up, w_down, spec: ShardSpec, layer=None):
     """x [T, D] this shard's tokens, valid [T]; router_kernel [D, E]; w_* this device's
-    experts [e, D, F/tp] and [e, F/tp, D] (gathered over their storage axes).
+    experts [e, D, F/tp] and [e, F/tp, D] (gathered over their storage axes), or, with
+    `layer` (one shard, no expert axis), a segment's stacks of them and the layer's index.
     Returns (y [T, D] routed output, RouterOutput of the shard)."""
     cfg = spec.cfg
     T = x.shape[0]
@@ -122,8 +123,9 @@ def shard_forward(x, valid, router_kernel, w_gate, w_up, w_down, spec: ShardSpec
     router = RouterOutput(logits, scores, idx, weight, counts, keep, valid, rows)
     if spec.ep == 1:
         y = routed_experts(x, idx, weight, w_gate, w_up, w_down, spec.backend,
-                           keep=keep if spec.dropping else None)
+                           keep=keep if spec.dropping else None, layer=layer)
     else:
+        assert layer is None, "expert parallelism takes one layer's experts"
         y = _expert_parallel(x, idx, weight, kept, rank, buffer, w_gate, w_up, w_down, spec)
     if spec.tensor_axis:  # each tensor rank computed its slice of the experts' width
         y = jax.lax.psum(y.astype(jnp.float32), spec.tensor_axis).astype(x.dtype)

@@ -141,13 +141,42 @@ def _swiglu_fwd(x, wg, wu, wd, group_sizes, b: int):
 
 
 def windowed_swiglu_stacked(x, w_gate, w_up, w_down, layer, group_sizes, b: int):
-    """Forward only, for decode: the experts of layer `layer` of a segment's stacks
-    [L, E, D, F] / [L, E, F, D], each matrix read in place (slicing the layer's [E, D, F] out
-    first would copy every expert of it, each step). x [M, D] sorted by expert, b rows per
-    window -> [M, D]."""
+    """The experts of layer `layer` of a segment's stacks [L, E, D, F] / [L, E, F, D], each
+    window's matrices read from the stacks (slicing the layer's [E, D, F] out first would copy
+    every expert of it: one copy per layer of a forward pass, one per step of decode).
+    x [M, D] sorted by expert, b rows per window -> [M, D]. Differentiable, but meant for
+    forward passes: the backward slices the layer out and returns whole-stack gradients."""
+    return _stacked_swiglu(x, w_gate, w_up, w_down, layer, group_sizes, b)
+
+
+def _stacked_loop(x, w_gate, w_up, w_down, layer, group_sizes, b: int):
     mats = {"gate": w_gate, "up": w_up, "down": w_down}
     dt = x.dtype
     return _swiglu_loop(x, lambda e, n: mats[n][layer, e].astype(dt), group_sizes, b, keep_pre=False)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _stacked_swiglu(x, w_gate, w_up, w_down, layer, group_sizes, b: int):
+    return _stacked_loop(x, w_gate, w_up, w_down, layer, group_sizes, b)
+
+
+def _stacked_fwd(x, w_gate, w_up, w_down, layer, group_sizes, b: int):
+    return _stacked_loop(x, w_gate, w_up, w_down, layer, group_sizes, b), (x, w_gate, w_up, w_down, layer,
+                                                                           group_sizes)
+
+
+def _stacked_bwd(b: int, res, dy):
+    x, w_gate, w_up, w_down, layer, group_sizes = res
+    ws = [jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False).astype(x.dtype)
+          for w in (w_gate, w_up, w_down)]
+    _, vjp = jax.vjp(lambda x, *ws: _windowed_swiglu(x, *ws, group_sizes, b), x, *ws)
+    dx, *dws = vjp(dy)
+    stacks = [jax.lax.dynamic_update_index_in_dim(jnp.zeros_like(w), dw.astype(w.dtype), layer, 0)
+              for w, dw in zip((w_gate, w_up, w_down), dws)]
+    return (dx, *stacks, None, None)
+
+
+_stacked_swiglu.defvjp(_stacked_fwd, _stacked_bwd)
 
 
 def _swiglu_bwd(b: int, res, dy):
@@ -205,10 +234,18 @@ def _ragged_dot_matmul(x, w, group_sizes):
     return jnp.where((jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None], y, 0)
 
 
-def expert_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str):
+def expert_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str, layer=None):
     """SwiGLU of each row with its expert's weights. xs [M, D] sorted by expert,
     group_sizes [E] (sum <= M; rows past the sum give zeros), w_gate/w_up [E, D, F],
-    w_down [E, F, D] -> [M, D]."""
+    w_down [E, F, D] -> [M, D]. With `layer`, the weights are a segment's stacks
+    [L, E, D, F] / [L, E, F, D] and layer `layer` of them is used: the blocked backend reads
+    its windows from the stacks, the others slice the layer out first."""
+    if layer is not None and backend == "blocked":
+        return windowed_swiglu_stacked(xs, w_gate, w_up, w_down, layer, group_sizes,
+                                       window_rows(xs.shape[0], w_gate.shape[1]))
+    if layer is not None:
+        w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
+                                for w in (w_gate, w_up, w_down))
     if backend == "blocked":
         dt = xs.dtype
         return _windowed_swiglu(xs, w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt), group_sizes,
@@ -279,21 +316,22 @@ def _combine(ys, order, pos, topk_weight, dtype):
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), topk_weight).astype(dtype)
 
 
-def routed_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str, keep=None):
+def routed_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str, keep=None, layer=None):
     """Routed-expert output: x [T, D], topk_idx/weight [T, K] -> [T, D]. Dropless unless
     `keep` [T, K] marks assignments removed by token dropping (they are not computed; ids
-    >= E are treated the same way)."""
+    >= E are treated the same way). With `layer`, w_* are a segment's stacks (`expert_ffn`)."""
     K = topk_idx.shape[1]
-    order, pos, group_sizes = _by_expert(topk_idx, w_gate.shape[0], keep)
-    ys = expert_ffn(_expand(x, order, pos, K), group_sizes, w_gate, w_up, w_down, backend)
+    E = w_gate.shape[0 if layer is None else 1]
+    order, pos, group_sizes = _by_expert(topk_idx, E, keep)
+    ys = expert_ffn(_expand(x, order, pos, K), group_sizes, w_gate, w_up, w_down, backend, layer)
     return _combine(ys, order, pos, topk_weight, x.dtype)
 
 
 def routed_experts_stacked(x, topk_idx, topk_weight, w_gate, w_up, w_down, layer, window: int | None = None):
-    """`routed_experts` (dropless, forward only) with the experts of layer `layer` of a
-    segment's stacks w_gate / w_up [L, E, D, F], w_down [L, E, F, D], each chosen expert
-    read once, in place (for decode, where reading the weights is the cost). window: rows per
-    window (default `decode_window_rows` of the tokens)."""
+    """`routed_experts` (dropless) for decode's few tokens, with the experts of layer `layer`
+    of a segment's stacks w_gate / w_up [L, E, D, F], w_down [L, E, F, D], each chosen expert
+    read once (decode's cost is reading the weights). window: rows per window (default
+    `decode_window_rows` of the tokens)."""
     K = topk_idx.shape[1]
     order, pos, group_sizes = _by_expert(topk_idx, w_gate.shape[1])
     b = window or decode_window_rows(x.shape[0])

@@ -61,10 +61,12 @@ def _mesh_sizes(mesh) -> dict:
 
 
 def routed_moe(x, valid, router_kernel, w_gate, w_up, w_down, cfg: DeepseekV2Config, *,
-               train: bool, batch: int):
+               train: bool, batch: int, layer=None):
     """Routed experts of a layer: x [N, D] tokens (batch whole sequences), valid [N] ->
     (y [N, D], RouterOutput over the N tokens). Under the ambient mesh (`jax.set_mesh`) one
-    shard_map over the token axes; without one a single shard."""
+    shard_map over the token axes; without one a single shard. With `layer`, w_* are the
+    segment's stacks [L, E, ...] and layer `layer` of them is used: read from the stacks on
+    one shard (no copy of the layer's experts), sliced out first otherwise."""
     from dsv2_jax.sharding.rules import batch_axes, gather_local, storage_split
 
     dtype = dtype_of(cfg.dtype)
@@ -73,7 +75,14 @@ def routed_moe(x, valid, router_kernel, w_gate, w_up, w_down, cfg: DeepseekV2Con
     dropping = train and cfg.capacity_factor is not None
     mesh = jax.sharding.get_abstract_mesh()
     sizes = _mesh_sizes(mesh)
-    if not sizes or math.prod(sizes.values()) == 1:
+    one_shard = (not sizes or math.prod(sizes.values()) == 1)
+    if layer is not None and one_shard and _SIMULATED_SHARDS.get() == 1:
+        spec = ShardSpec(cfg, train, batch, backend, "fixed", None, 1, (), None)
+        return shard_forward(x, valid, router_kernel, w_gate, w_up, w_down, spec, layer=layer)
+    if layer is not None:
+        w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
+                                for w in (w_gate, w_up, w_down))
+    if one_shard:
         n = _SIMULATED_SHARDS.get()
         w = (w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype))
         spec = ShardSpec(cfg, train, max(1, batch // n), backend, "fixed", None, 1, (), None)
@@ -130,15 +139,20 @@ class MoE(nnx.Module):
                 param_dtype=dtype_of(cfg.param_dtype), hidden_axis="moe_mlp")
             if cfg.n_shared_experts else None)
 
-    def __call__(self, x, *, train: bool = False, valid=None):
+    def __call__(self, x, *, train: bool = False, valid=None, stacked=None):
         """x [B, T, D], valid [B, T] bool (False at padding; None: all real)
-        -> (y [B, T, D], RouterOutput over the B*T tokens)."""
+        -> (y [B, T, D], RouterOutput over the B*T tokens).
+
+        stacked: None, or (experts, i) with `experts` the segment's stacked `Experts`
+        (leading layer axis) and i this layer's index in it: the routed experts are read
+        from the stacks instead of this module's own (a layer's slice of them), which a
+        scan over the segment would copy out whole (`LayerStack`, forward passes)."""
         B, T, D = x.shape
         xt = x.reshape(B * T, D)
         vt = jnp.ones(B * T, bool) if valid is None else valid.reshape(-1)
-        e = self.experts
+        e, layer = (self.experts, None) if stacked is None else stacked
         y, r = routed_moe(xt, vt, self.gate.kernel[...], e.gate_proj[...], e.up_proj[...],
-                          e.down_proj[...], self.cfg, train=train, batch=B)
+                          e.down_proj[...], self.cfg, train=train, batch=B, layer=layer)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xt)
         return y.reshape(B, T, D), r
