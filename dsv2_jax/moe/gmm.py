@@ -3,16 +3,16 @@
 One backend per platform, chosen in `gmm_backend`:
   * `ragged_dot`: `jax.lax.ragged_dot` (GPU/TPU; XLA:CPU lowers it to a dense product over
     all experts, ~50x slower there);
-  * `blocked` (CPU): a loop over windows of b rows of the sorted array, each window within
-    one expert's rows (an expert's last window is cut at its end), one [b, D] x [D, F]
-    product per window against that expert's weights read in place. The loop runs over the
-    windows that hold rows only: ceil(n_e / b) per expert, at most M/b + E, so worst-case
-    buffers (expert-parallel dropless dispatch, dropped rows) cost nothing past their real
-    rows. The three products of a window run in one loop iteration (SwiGLU fused), with
-    its own backward (a custom_vjp): dx by the same windows; an expert's weight gradients
-    summed in float32 over its consecutive windows and written in the weights' dtype, so
-    neither a per-window copy of the weights nor a float32 [E, D, F] buffer is kept.
-Neither runs a Python loop over experts nor computes rows against experts they did not choose.
+  * `blocked` (CPU): a loop over the experts that have rows, each expert's three matrices
+    sliced once (XLA:CPU copies a dynamic slice before a product reads it), then a loop
+    over windows of b rows of that expert's rows (its last window cut at its end), one
+    [b, D] x [D, F] product per window. Only windows that hold rows run: ceil(n_e / b)
+    per expert, so worst-case buffers (expert-parallel dropless dispatch, dropped rows)
+    cost nothing past their real rows. The three products of a window run in one
+    iteration (SwiGLU fused), with its own backward (a custom_vjp): dx by the same
+    windows; an expert's weight gradients summed in float32 over its windows and written
+    once in the weights' dtype, so no float32 [E, D, F] buffer is kept.
+Neither unrolls a Python loop over experts nor computes rows against experts they did not choose.
 
 `routed_experts` moves rows between token order and expert order with gathers both ways (a
 permutation and its inverse), never scatters, which XLA:CPU runs element by element.
@@ -82,20 +82,14 @@ def _as_type_of(ct, primal):
     return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
-def _windows(group_sizes, rows: int, b: int):
-    """The windows of rows sorted by expert: (expert [P], first row [P], expert's end row
-    [P], count of windows in use), P = rows // b + E a static bound."""
+def _experts_in_use(group_sizes, b: int):
+    """The experts that have rows, for loops over them: (their ids in order [E] (padded with
+    0), how many, each expert's first row [E], end row [E], windows of b rows [E])."""
     E = group_sizes.shape[0]
     gs = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(gs)
-    starts = ends - gs
-    per = (gs + b - 1) // b  # windows of each expert
-    first = jnp.cumsum(per) - per
-    P = rows // b + E
-    w = jnp.arange(P, dtype=jnp.int32)
-    expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(per), w, side="right"), E - 1).astype(jnp.int32)
-    row0 = starts[expert] + (w - first[expert]) * b
-    return expert, row0, ends[expert], jnp.sum(per)
+    used = jnp.nonzero(gs > 0, size=E, fill_value=0)[0].astype(jnp.int32)
+    return used, jnp.sum(gs > 0), ends - gs, ends, (gs + b - 1) // b
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -112,24 +106,30 @@ def _swiglu_loop(x, weight, group_sizes, b: int, keep_pre: bool):
     dynamic slice running past the end would be moved back, onto other rows)."""
     M, D = x.shape
     F = weight(0, "gate").shape[1]
-    expert, row0, end, used = _windows(group_sizes, M, b)
+    used, n_used, starts, ends, per = _experts_in_use(group_sizes, b)
     xp = jnp.concatenate([x, jnp.zeros((b, D), x.dtype)])
 
-    def body(i, carry):
-        r0, e = row0[i], expert[i]
-        xs = jax.lax.dynamic_slice_in_dim(xp, r0, b)
-        g, u = xs @ weight(e, "gate"), xs @ weight(e, "up")
-        out = (jax.nn.silu(g) * u) @ weight(e, "down")
-        keep = ((r0 + jnp.arange(b)) < end[i])[:, None]
-        put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(
-            buf, jnp.where(keep, v, jax.lax.dynamic_slice_in_dim(buf, r0, b)), r0, 0)
-        return (put(carry[0], out),) + ((put(carry[1], g), put(carry[2], u)) if keep_pre else ())
+    def expert_body(k, carry):
+        e = used[k]
+        wg, wu, wd = weight(e, "gate"), weight(e, "up"), weight(e, "down")  # once per expert
+
+        def window(j, carry):
+            r0 = starts[e] + j * b
+            xs = jax.lax.dynamic_slice_in_dim(xp, r0, b)
+            g, u = xs @ wg, xs @ wu
+            out = (jax.nn.silu(g) * u) @ wd
+            keep = ((r0 + jnp.arange(b)) < ends[e])[:, None]
+            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(
+                buf, jnp.where(keep, v, jax.lax.dynamic_slice_in_dim(buf, r0, b)), r0, 0)
+            return (put(carry[0], out),) + ((put(carry[1], g), put(carry[2], u)) if keep_pre else ())
+
+        return jax.lax.fori_loop(0, per[e], window, carry)
 
     ws = [weight(0, n) for n in ("gate", "up", "down")]
     init = (_zeros((M + b, D), x.dtype, x, *ws),)
     if keep_pre:
         init += (_zeros((M + b, F), x.dtype, x, *ws[:2]), _zeros((M + b, F), x.dtype, x, *ws[:2]))
-    out = jax.lax.fori_loop(0, used, body, init)
+    out = jax.lax.fori_loop(0, n_used, expert_body, init)
     return (out[0][:M],) + out[1:]
 
 
@@ -182,45 +182,50 @@ _stacked_swiglu.defvjp(_stacked_fwd, _stacked_bwd)
 def _swiglu_bwd(b: int, res, dy):
     x, wg, wu, wd, group_sizes, gate, up = res
     M, D = x.shape
-    expert, row0, end, used = _windows(group_sizes, M, b)
+    used, n_used, starts, ends, per = _experts_in_use(group_sizes, b)
     xp = jnp.concatenate([x, jnp.zeros((b, D), x.dtype)])
     dyp = jnp.concatenate([dy, jnp.zeros((b, D), dy.dtype)])
     f32 = jnp.float32
-
-    # An expert's windows are consecutive, so its weight gradients are summed in float32
-    # accumulators of ONE expert ([D, F] each) and written, in the weights' dtype, into its
-    # slot after every window: no float32 [E, D, F] buffer is ever held.
-    def body(i, carry):
-        dx, dwg, dwu, dwd, ag, au, ad = carry
-        r0, e = row0[i], expert[i]
-        fresh = jnp.logical_or(i == 0, expert[jnp.maximum(i - 1, 0)] != e)
-        keep = ((r0 + jnp.arange(b)) < end[i])[:, None]
-        xs = jax.lax.dynamic_slice_in_dim(xp, r0, b)
-        dys = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dyp, r0, b), 0)
-        g = jax.lax.dynamic_slice_in_dim(gate, r0, b)
-        u = jax.lax.dynamic_slice_in_dim(up, r0, b)
-        sg = jax.nn.sigmoid(g)
-        act = g * sg  # silu(g)
-        dh = dys @ wd[e].T
-        dg = dh * u * (sg * (1 + g * (1 - sg)))
-        du = dh * act
-        ad = jnp.where(fresh, 0, ad) + jnp.einsum("bf,bd->fd", act * u, dys, preferred_element_type=f32)
-        ag = jnp.where(fresh, 0, ag) + jnp.einsum("bd,bf->df", xs, dg, preferred_element_type=f32)
-        au = jnp.where(fresh, 0, au) + jnp.einsum("bd,bf->df", xs, du, preferred_element_type=f32)
-        dwd = dwd.at[e].set(ad.astype(dwd.dtype))
-        dwg = dwg.at[e].set(ag.astype(dwg.dtype))
-        dwu = dwu.at[e].set(au.astype(dwu.dtype))
-        dxs = dg @ wg[e].T + du @ wu[e].T
-        old = jax.lax.dynamic_slice_in_dim(dx, r0, b)
-        dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(keep, dxs, old), r0, 0)
-        return dx, dwg, dwu, dwd, ag, au, ad
-
     like = (x, dy, gate, up, wg, wu, wd)
+
+    # Per expert with rows: its matrices sliced once, its windows' weight gradients summed in
+    # float32 accumulators of that expert alone ([D, F] each) and written, in the weights'
+    # dtype, into its slot once: no float32 [E, D, F] buffer is ever held.
+    def expert_body(k, carry):
+        dx, dwg, dwu, dwd = carry
+        e = used[k]
+        wg_e, wu_e, wd_e = wg[e], wu[e], wd[e]
+
+        def window(j, carry):
+            dx, ag, au, ad = carry
+            r0 = starts[e] + j * b
+            keep = ((r0 + jnp.arange(b)) < ends[e])[:, None]
+            xs = jax.lax.dynamic_slice_in_dim(xp, r0, b)
+            dys = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dyp, r0, b), 0)
+            g = jax.lax.dynamic_slice_in_dim(gate, r0, b)
+            u = jax.lax.dynamic_slice_in_dim(up, r0, b)
+            sg = jax.nn.sigmoid(g)
+            act = g * sg  # silu(g)
+            dh = dys @ wd_e.T
+            dg = dh * u * (sg * (1 + g * (1 - sg)))
+            du = dh * act
+            ad = ad + jnp.einsum("bf,bd->fd", act * u, dys, preferred_element_type=f32)
+            ag = ag + jnp.einsum("bd,bf->df", xs, dg, preferred_element_type=f32)
+            au = au + jnp.einsum("bd,bf->df", xs, du, preferred_element_type=f32)
+            dxs = dg @ wg_e.T + du @ wu_e.T
+            old = jax.lax.dynamic_slice_in_dim(dx, r0, b)
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(keep, dxs, old), r0, 0)
+            return dx, ag, au, ad
+
+        acc = (_zeros(wg.shape[1:], f32, *like), _zeros(wu.shape[1:], f32, *like),
+               _zeros(wd.shape[1:], f32, *like))
+        dx, ag, au, ad = jax.lax.fori_loop(0, per[e], window, (dx,) + acc)
+        return (dx, dwg.at[e].set(ag.astype(dwg.dtype)), dwu.at[e].set(au.astype(dwu.dtype)),
+                dwd.at[e].set(ad.astype(dwd.dtype)))
+
     init = (_zeros((M + b, D), x.dtype, *like), _zeros(wg.shape, wg.dtype, *like),
-            _zeros(wu.shape, wu.dtype, *like), _zeros(wd.shape, wd.dtype, *like),
-            _zeros(wg.shape[1:], f32, *like), _zeros(wu.shape[1:], f32, *like),
-            _zeros(wd.shape[1:], f32, *like))
-    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, used, body, init)[:4]
+            _zeros(wu.shape, wu.dtype, *like), _zeros(wd.shape, wd.dtype, *like))
+    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, expert_body, init)
     return (_as_type_of(dx[:M], x), _as_type_of(dwg, wg), _as_type_of(dwu, wu),
             _as_type_of(dwd, wd), None)
 
