@@ -138,11 +138,16 @@ def _swiglu_loop(x, weight, group_sizes, b: int, keep_pre: bool, per_expert: boo
 
         out = jax.lax.fori_loop(0, n_used, expert_body, init)
     else:
-        ends_w = jnp.cumsum(per)  # windows before each expert's end
+        # Each window's expert and index among its expert's windows, found before the loop.
+        E = per.shape[0]
+        ends_w = jnp.cumsum(per)
+        w = jnp.arange(M // b + E, dtype=jnp.int32)  # a static bound on the windows
+        owner = jnp.minimum(jnp.searchsorted(ends_w, w, side="right"), E - 1).astype(jnp.int32)
+        index = w - (ends_w - per)[owner]
 
         def window_body(i, carry):
-            e = jnp.minimum(jnp.searchsorted(ends_w, i, side="right"), per.shape[0] - 1)
-            return window(e, i - (ends_w[e] - per[e]), tuple(weight(e, n) for n in names), carry)
+            e = owner[i]
+            return window(e, index[i], tuple(weight(e, n) for n in names), carry)
 
         out = jax.lax.fori_loop(0, ends_w[-1], window_body, init)
     return (out[0][:M],) + out[1:]
