@@ -242,7 +242,7 @@ def moe_few_tokens(gate, shared_experts, w_gate, w_up, w_down, layer, x, backend
     At decode a token meets K experts and the cost is reading their weights, so the experts
     stay stacked and only the chosen ones are read: slicing a layer's [E, D, F] out of the
     segment first would copy all of them every step. With the blocked backend (CPU) the
-    rows sorted by expert go through windows that read each chosen expert once, in place
+    rows sorted by expert go through windows that read each chosen expert from the stacks
     (`routed_experts_stacked`); elsewhere up to 2E (token, expert) pairs go through one
     gather of the chosen matrices, and past that the layer's experts through `backend`.
     """
