@@ -239,3 +239,22 @@ def test_forward_compiler_options_give_the_default_logits(model):
     got = np.asarray(jit_forward(f)(state, ids))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert np.abs(want).max() > 1.0
+
+
+def test_forward_reads_routed_experts_from_the_stacks(model):
+    """Outside training a MoE layer's experts are read from the segment's stacks by index: the
+    compiled forward makes no [E, D, F] / [E, F, D] array (a layer's experts sliced out, which
+    XLA:CPU copies), while the training-mode forward, which keeps the slices, does."""
+    import re
+
+    E, D, F = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
+    graphdef, state = nnx.split(model)
+    ids = _ids(seed=9)
+    per_layer = re.compile(rf"= f32\[({E},{D},{F}|{E},{F},{D})\]")
+
+    def hlo(train):
+        f = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, train=train))
+        return f.lower(state, ids).compile().as_text()
+
+    assert not per_layer.search(hlo(False)), "a layer's experts were sliced out of the stacks"
+    assert per_layer.search(hlo(True)), "the check found no per-layer expert array in training mode"
