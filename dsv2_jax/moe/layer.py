@@ -76,18 +76,18 @@ def routed_moe(x, valid, router_kernel, w_gate, w_up, w_down, cfg: DeepseekV2Con
     mesh = jax.sharding.get_abstract_mesh()
     sizes = _mesh_sizes(mesh)
     one_shard = (not sizes or math.prod(sizes.values()) == 1)
-    if layer is not None and one_shard and _SIMULATED_SHARDS.get() == 1:
-        spec = ShardSpec(cfg, train, batch, backend, "fixed", None, 1, (), None)
-        return shard_forward(x, valid, router_kernel, w_gate, w_up, w_down, spec, layer=layer)
-    if layer is not None:
+    n = _SIMULATED_SHARDS.get() if one_shard else 0
+    if layer is not None and n != 1:  # only a single shard reads the stacks
         w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
                                 for w in (w_gate, w_up, w_down))
+        layer = None
     if one_shard:
-        n = _SIMULATED_SHARDS.get()
-        w = (w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype))
+        # Stacks are cast per window as they are read, one layer's experts here.
+        w = ((w_gate, w_up, w_down) if layer is not None else
+             (w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype)))
         spec = ShardSpec(cfg, train, max(1, batch // n), backend, "fixed", None, 1, (), None)
         if n == 1:
-            return shard_forward(x, valid, router_kernel, *w, spec)
+            return shard_forward(x, valid, router_kernel, *w, spec, layer=layer)
         N = x.shape[0]
         ys, rs = jax.vmap(lambda xs, vs: shard_forward(xs, vs, router_kernel, *w, spec))(
             x.reshape(n, N // n, -1), valid.reshape(n, N // n))
