@@ -62,3 +62,16 @@ def test_gpu_script_smoke_runs_here(tmp_path):
     for name in ("ragged_dot", "blocked", "dense_all_experts"):
         assert gmm[f"{name}_ms"] > 0 and gmm[f"{name}_max_abs_out"] > 0
         assert gmm[f"{name}_max_diff_vs_ragged_dot"] <= 1e-2 * gmm["ragged_dot_max_abs_out"]
+
+
+def test_shares_are_of_the_better_ceiling():
+    """MFU and decode's share of its bound are computed against the better of the two ceiling
+    measurements (start, end of the run), so a slow moment while measuring cannot flatter them."""
+    res = {"train": {"ours_tok_s": 100.0, "hf_tok_s": 200.0, "flops_per_token": 1e9},
+           "decode_4x2048": {"ours_tok_s": 50.0, "batch": 4, "bytes_per_step": 1e9}}
+    B.against_ceilings(res, {"matmul_gflops": 400.0, "read_gbps": 10.0},
+                       {"matmul_gflops": 200.0, "read_gbps": 20.0})
+    assert res["ceilings"] == {"matmul_gflops": 400.0, "read_gbps": 20.0}
+    assert res["train"]["ours_mfu"] == 0.25 and res["train"]["hf_mfu"] == 0.5
+    assert res["decode_4x2048"]["bound_tok_s"] == 80.0 and res["decode_4x2048"]["ours_of_bound"] == 0.625
+    assert "| ceilings | 400 GFLOP/s f32 matmul, 20.0 GB/s read" in B.table({"ceilings": res["ceilings"]})
