@@ -20,8 +20,9 @@ Rows (the `bench` preset: hidden 1024, 4 layers with the first dense, 8 heads, k
                   and of a 4-layer cut of it: compile time does not grow with depth
     memory        peak resident memory each side adds while it runs (sampled)
 
-Machines are noisy: each row alternates ours and theirs and reports the median of rounds;
-only ratios from one run are comparable. Results go to the terminal and, unless --no-doc, to
+Machines are noisy: each row alternates ours and theirs and reports the median of rounds,
+the ratio of the medians with, in brackets, the range of the per-round ratios (each round's
+two sides ran back to back); only ratios from one run are comparable. Results go to the terminal and, unless --no-doc, to
 docs/benchmarks.md between the `dsv2 bench` markers, with the command and the machine.
 """
 
@@ -176,13 +177,27 @@ def _timed(fn) -> float:
 
 
 def _alternate(ours, theirs, rounds: int):
-    """Median seconds of each over `rounds` alternating rounds (after one warm-up each)."""
+    """Seconds of each over `rounds` alternating rounds (after one warm-up each): (median of
+    ours, median of theirs, the per-round ratios theirs / ours)."""
     ours(), theirs()
     o, h = [], []
     for _ in range(rounds):
         o.append(_timed(ours))
         h.append(_timed(theirs))
-    return statistics.median(o), statistics.median(h)
+    return statistics.median(o), statistics.median(h), _round_ratios(h, o)
+
+
+def _round_ratios(num, den) -> list:
+    """num[i] / den[i] of each round: the two sides of a round ran back to back, so the spread
+    of these shows how far the machine moved the ratio within the run."""
+    return [a / b for a, b in zip(num, den)]
+
+
+def _ratio_cell(r: dict) -> str:
+    """The ratio (of the medians), and the per-round ratios' range when there are several."""
+    rr = r.get("ratio_rounds") or []
+    spread = f" ({min(rr):.2f}-{max(rr):.2f})" if len(rr) > 1 else ""
+    return f"{r['ratio']:.2f}x{spread}"
 
 
 def _batch(cfg, B, T, seed=0):
@@ -236,9 +251,9 @@ def bench_train(cfg, hf, model, B, T, steps, rounds) -> dict:
         ours()
     with PeakRSS() as mh:
         theirs()
-    o, h = _alternate(ours, theirs, rounds)
+    o, h, rr = _alternate(ours, theirs, rounds)
     tok = B * T * steps
-    return {"ours_tok_s": tok / o, "hf_tok_s": tok / h, "ratio": h / o,
+    return {"ours_tok_s": tok / o, "hf_tok_s": tok / h, "ratio": h / o, "ratio_rounds": rr,
             "flops_per_token": train_flops_per_token(cfg, T),
             "ours_peak_mb": mo.added_mb, "hf_peak_mb": mh.added_mb}
 
@@ -267,8 +282,8 @@ def bench_prefill(cfg, hf, model, B, T, rounds) -> dict:
         ours()
     with PeakRSS() as mh:
         theirs()
-    o, h = _alternate(ours, theirs, rounds)
-    return {"ours_tok_s": B * T / o, "hf_tok_s": B * T / h, "ratio": h / o,
+    o, h, rr = _alternate(ours, theirs, rounds)
+    return {"ours_tok_s": B * T / o, "hf_tok_s": B * T / h, "ratio": h / o, "ratio_rounds": rr,
             "ours_peak_mb": mo.added_mb, "hf_peak_mb": mh.added_mb}
 
 
@@ -315,9 +330,10 @@ def bench_decode(cfg, hf, model, B, T, new, rounds) -> dict:
     for _ in range(rounds):
         o.append(ours(new + 1) - ours(1))
         h.append(theirs(new + 1) - theirs(1))
+    rr = _round_ratios(h, o)
     o, h = statistics.median(o), statistics.median(h)
     tok = B * new
-    return {"ours_tok_s": tok / o, "hf_tok_s": tok / h, "ratio": h / o, "batch": B,
+    return {"ours_tok_s": tok / o, "hf_tok_s": tok / h, "ratio": h / o, "ratio_rounds": rr, "batch": B,
             "bytes_per_step": decode_bytes_per_step(cfg, B, T + new // 2),
             "ours_peak_mb": mo.added_mb, "hf_peak_mb": mh.added_mb}
 
@@ -348,8 +364,8 @@ def bench_moe(cfg, T, rounds) -> dict:
     def run(f, m):
         return lambda: jax.block_until_ready(f(m, x))
 
-    o, d = _alternate(run(g_moe, moe), run(g_dense, dense), rounds)
-    return {"moe_ms": o * 1e3, "dense_ms": d * 1e3, "ratio": o / d}
+    o, d, rr = _alternate(run(g_moe, moe), run(g_dense, dense), rounds)
+    return {"moe_ms": o * 1e3, "dense_ms": d * 1e3, "ratio": o / d, "ratio_rounds": [1 / x for x in rr]}
 
 
 def bench_compile(quick: bool) -> dict:
@@ -408,23 +424,23 @@ def table(res: dict) -> str:
     if "train" in res:
         r = res["train"]
         lines.append(f"| train ({r.get('shape', '4 x 512')}) | {r['ours_tok_s']:.0f} tok/s, MFU {r['ours_mfu']:.0%} | "
-                     f"{r['hf_tok_s']:.0f} tok/s, MFU {r['hf_mfu']:.0%} | {r['ratio']:.2f}x | >= 1.5x, MFU >= 65% | "
+                     f"{r['hf_tok_s']:.0f} tok/s, MFU {r['hf_mfu']:.0%} | {_ratio_cell(r)} | >= 1.5x, MFU >= 65% | "
                      f"peak +{r['ours_peak_mb']:.0f} MB vs +{r['hf_peak_mb']:.0f} MB |")
     if "prefill" in res:
         r = res["prefill"]
         lines.append(f"| prefill ({r.get('shape', '4 x 512')}) | {r['ours_tok_s']:.0f} tok/s | {r['hf_tok_s']:.0f} tok/s | "
-                     f"{r['ratio']:.2f}x | >= 1.2x | peak +{r['ours_peak_mb']:.0f} MB vs +{r['hf_peak_mb']:.0f} MB |")
+                     f"{_ratio_cell(r)} | >= 1.2x | peak +{r['ours_peak_mb']:.0f} MB vs +{r['hf_peak_mb']:.0f} MB |")
     for key, name, target in (("decode_1x256", "batch 1, 256 prompt", ">= 1.5x, >= 75% of bound"),
                               ("decode_4x2048", "batch 4, 2048 prompt", ">= 10x")):
         if key in res:
             r = res[key]
             lines.append(f"| decode {r.get('shape', name)} | {r['ours_tok_s']:.1f} tok/s ({r['ours_of_bound']:.0%} of the "
-                         f"{r['bound_tok_s']:.0f} tok/s bound) | {r['hf_tok_s']:.1f} tok/s | {r['ratio']:.2f}x | "
+                         f"{r['bound_tok_s']:.0f} tok/s bound) | {r['hf_tok_s']:.1f} tok/s | {_ratio_cell(r)} | "
                          f"{target} | peak +{r['ours_peak_mb']:.0f} MB vs +{r['hf_peak_mb']:.0f} MB |")
     if "moe" in res:
         r = res["moe"]
         lines.append(f"| MoE layer vs dense SwiGLU, same active FLOPs (fwd+bwd) | {r['moe_ms']:.0f} ms vs "
-                     f"{r['dense_ms']:.0f} ms | | {r['ratio']:.2f}x | <= 1.5x | |")
+                     f"{r['dense_ms']:.0f} ms | | {_ratio_cell(r)} | <= 1.5x | |")
     if "compile" in res:
         r = res["compile"]
         by_depth = sorted((int(k.split("_")[0]), v) for k, v in r.items())

@@ -75,3 +75,14 @@ def test_shares_are_of_the_better_ceiling():
     assert res["train"]["ours_mfu"] == 0.25 and res["train"]["hf_mfu"] == 0.5
     assert res["decode_4x2048"]["bound_tok_s"] == 80.0 and res["decode_4x2048"]["ours_of_bound"] == 0.625
     assert "| ceilings | 400 GFLOP/s f32 matmul, 20.0 GB/s read" in B.table({"ceilings": res["ceilings"]})
+
+
+def test_ratio_cell_shows_the_rounds_spread():
+    """A row's ratio is printed with the range of its per-round ratios (several rounds), bare
+    with one round, and the MoE row's rounds are MoE over dense like its ratio."""
+    assert B._ratio_cell({"ratio": 0.96, "ratio_rounds": [0.91, 1.02, 0.95]}) == "0.96x (0.91-1.02)"
+    assert B._ratio_cell({"ratio": 1.3, "ratio_rounds": [1.3]}) == "1.30x"
+    assert B._ratio_cell({"ratio": 1.3}) == "1.30x"
+    assert B._round_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    res = {"moe": {"moe_ms": 13.0, "dense_ms": 10.0, "ratio": 1.3, "ratio_rounds": [1.2, 1.4]}}
+    assert "| 1.30x (1.20-1.40) | <= 1.5x |" in B.table(res)
