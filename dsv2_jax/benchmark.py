@@ -22,8 +22,9 @@ Rows (the `bench` preset: hidden 1024, 4 layers with the first dense, 8 heads, k
 
 Machines are noisy: each row alternates ours and theirs and reports the median of rounds,
 the ratio of the medians with, in brackets, the range of the per-round ratios (each round's
-two sides ran back to back); only ratios from one run are comparable. Results go to the terminal and, unless --no-doc, to
-docs/benchmarks.md between the `dsv2 bench` markers, with the command and the machine.
+two sides ran back to back); only ratios from one run are comparable. Results go to the
+terminal and, unless --no-doc, to docs/benchmarks.md between the `dsv2 bench` markers, with
+the command and the machine.
 """
 
 from __future__ import annotations
