@@ -315,13 +315,14 @@ def test_few_row_products_give_the_dot_logits(B):
 def test_blocked_decode_reads_layers_in_place(kind):
     """The XLA core walks the live blocks of one layer of a stacked [L, B, S, K] buffer:
     equal to the plain reference on that layer copied out, for block lengths that split the
-    live positions unevenly, rows of length 0, 1, a block edge and the whole buffer, under
-    jit with a traced layer index."""
+    live positions unevenly, rows of length 0, 1, a block edge and the whole buffer, live
+    positions past the last full block (walked in tail blocks), under jit with a traced layer
+    index."""
     rng = np.random.default_rng(11)
-    L, Bq, H, S, C, R = 3, 4, 5, 192, 24, 8
+    L, Bq, H, S, C, R = 3, 4, 5, 256, 24, 8
     q = jnp.asarray(rng.normal(size=(Bq, H, C + R)), jnp.float32)
     kv, scale = quantise(jnp.asarray(rng.normal(size=(L, Bq, S, C + R)), jnp.float32), kind, C)
-    lengths = jnp.array([0, 1, 64, 192])
+    lengths = jnp.array([0, 1, 64, 256])
 
     @functools.partial(jax.jit, static_argnames="block")
     def blocked(layer, lengths, block):
@@ -331,12 +332,21 @@ def test_blocked_decode_reads_layers_in_place(kind):
     for layer in range(L):
         want = mla_decode_reference(q, read_layer(kv, scale, layer, C, jnp.float32), lengths, v_dim=C, scale=0.3)
         assert not jnp.any(want[0])  # a row of length 0 gives zeros
-        for block in (64, 192):
+        for block in (64, 256):
             got = blocked(layer, lengths, block)
             assert got.shape == (Bq, H, C) and ref.rel_err(got, want) <= 1e-6, (layer, block)
-    short = jnp.array([3, 5, 2, 9])  # one live block of three: the others are never read
+    short = jnp.array([3, 5, 2, 9])  # one live block of four: the others are never read
     want = mla_decode_reference(q, read_layer(kv, scale, 1, C, jnp.float32), short, v_dim=C, scale=0.3)
     assert ref.rel_err(blocked(1, short, 64), want) <= 1e-6
+    # One full block of 128, then the rest in tail blocks of 64 (one, then two); less than
+    # one block of 256 (read as that block); a full block of 64 and one more.
+    for part, block in (([0, 1, 70, 150], 128), ([0, 9, 200, 1], 128), ([0, 1, 70, 130], 256),
+                        ([64, 65, 3, 1], 64)):
+        part = jnp.array(part)
+        want = mla_decode_reference(q, read_layer(kv, scale, 2, C, jnp.float32), part, v_dim=C, scale=0.3)
+        assert ref.rel_err(blocked(2, part, block), want) <= 1e-6, (part, block)
+    with pytest.raises(ValueError, match="must divide"):
+        blocked(0, lengths, 96)
 
 
 # --------------------------------------------------------------------------------------
