@@ -10,8 +10,8 @@ Rows (the `bench` preset: hidden 1024, 4 layers with the first dense, 8 heads, k
     train         tokens/s of one optimizer step (batch 4 x 512: loss + balance losses +
                   router statistics, AdamW, clipping), MFU against the matmul ceiling
     prefill       tokens/s of the forward pass (batch 4 x 512)
-    decode        decode-only tokens/s (time for n+1 new tokens minus time for 1) at batch 1
-                  with a 256-token prompt and batch 4 with 2048-token prompts, each against
+    decode        decode-only tokens/s (time for n+1 new tokens minus time for 1, see
+                  `decode_seconds`) at batch 1 with a 256-token prompt and batch 4 with 2048-token prompts, each against
                   its memory bound: the bytes one step must read (the weights of the experts
                   the tokens use, every other weight, the latent cache) over the read ceiling
     moe           one MoE layer (forward + backward, 2048 tokens) against a dense SwiGLU of the
@@ -305,6 +305,19 @@ def decode_bytes_per_step(cfg, B: int, S: int, dtype_bytes: int = 4) -> float:
     return (dense + moe_layers * used * per_expert + cache) * dtype_bytes
 
 
+def decode_seconds(gen, new: int) -> float:
+    """The seconds `new` decode steps take, prefill excluded: gen(new + 1) - gen(1), with
+    gen(n) the seconds of one n-token call. The prefill is most of each call (~6 of ~8 s for
+    ours at 4 x 2048), so a second's noise in either term is most of the difference: a first
+    call, after the other framework ran, is discarded (measured 0.2-0.7 s slower than the
+    calls after it), and the one-token call is timed before and after the long one and
+    averaged, so that drift during the three calls cancels."""
+    gen(1)
+    first = gen(1)
+    long = gen(new + 1)
+    return long - (first + gen(1)) / 2
+
+
 def bench_decode(cfg, hf, model, B, T, new, rounds) -> dict:
     import torch
 
@@ -329,8 +342,8 @@ def bench_decode(cfg, hf, model, B, T, new, rounds) -> dict:
         theirs(1)
     o, h = [], []
     for _ in range(rounds):
-        o.append(ours(new + 1) - ours(1))
-        h.append(theirs(new + 1) - theirs(1))
+        o.append(decode_seconds(ours, new))
+        h.append(decode_seconds(theirs, new))
     rr = _round_ratios(h, o)
     o, h = statistics.median(o), statistics.median(h)
     tok = B * new

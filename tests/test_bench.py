@@ -86,3 +86,16 @@ def test_ratio_cell_shows_the_rounds_spread():
     assert B._round_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
     res = {"moe": {"moe_ms": 13.0, "dense_ms": 10.0, "ratio": 1.3, "ratio_rounds": [1.2, 1.4]}}
     assert "| 1.30x (1.20-1.40) | <= 1.5x |" in B.table(res)
+
+
+def test_decode_seconds_discards_the_first_call_and_brackets_the_long_one():
+    """Decode time is (n + 1)-token call minus the one-token call's mean before and after it;
+    the first call (slowed after the other framework ran) counts for nothing."""
+    calls, times = [], iter([100.0, 6.0, 9.0, 6.5])
+
+    def gen(n):
+        calls.append(n)
+        return next(times)
+
+    assert B.decode_seconds(gen, 64) == 9.0 - 6.25
+    assert calls == [1, 1, 65, 1]
