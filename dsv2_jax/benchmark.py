@@ -11,9 +11,10 @@ Rows (the `bench` preset: hidden 1024, 4 layers with the first dense, 8 heads, k
                   router statistics, AdamW, clipping), MFU against the matmul ceiling
     prefill       tokens/s of the forward pass (batch 4 x 512)
     decode        decode-only tokens/s (time for n+1 new tokens minus time for 1, see
-                  `decode_seconds`) at batch 1 with a 256-token prompt and batch 4 with 2048-token prompts, each against
-                  its memory bound: the bytes one step must read (the weights of the experts
-                  the tokens use, every other weight, the latent cache) over the read ceiling
+                  `decode_seconds`) at batch 1 with a 256-token prompt and batch 4 with
+                  2048-token prompts, each against its memory bound: the bytes one step must
+                  read (the weights of the experts the tokens use, every other weight, the
+                  latent cache) over the read ceiling
     moe           one MoE layer (forward + backward, 2048 tokens) against a dense SwiGLU of the
                   same active FLOPs
     compile       one training step of the full 60-layer `v2` preset from abstract shapes,
