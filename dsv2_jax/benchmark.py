@@ -311,8 +311,8 @@ def decode_seconds(gen, new: int) -> float:
     gen(n) the seconds of one n-token call. The prefill is most of each call (~6 of ~8 s for
     ours at 4 x 2048), so a second's noise in either term is most of the difference: a first
     call, after the other framework ran, is discarded (0.2-0.7 s slower than the calls after
-    it in two of three rounds measured), and the one-token call is timed before and after the long one and
-    averaged, so that drift during the three calls cancels."""
+    it in two of three rounds measured), and the one-token call is timed before and after
+    the long one and averaged, so that drift during the three calls cancels."""
     gen(1)
     first = gen(1)
     long = gen(new + 1)

@@ -85,8 +85,7 @@ def mla_decode_blocked(q, cache: LayerView, lengths, *, v_dim: int, scale: float
     small = tail_block(blk)
     chex.assert_shape(lengths, (B,))
     live_max = jnp.minimum(jnp.max(lengths), S)
-    n_full = live_max // blk
-    rest = live_max - n_full * blk
+    n_full, rest = live_max // blk, live_max % blk
     # Fewer live positions than one block: that block, whole (small blocks' loop overhead
     # outweighs the dead positions a short cache reads).
     n_big = jnp.where(n_full > 0, n_full, (rest > 0).astype(n_full.dtype))
