@@ -428,7 +428,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}, "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}")
 
 
 def table(res: dict) -> str:

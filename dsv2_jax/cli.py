@@ -56,5 +56,15 @@ def main(argv=None) -> int:
         return 1
 
 
+def console() -> int:
+    """The `dsv2` console command: `main` on sys.argv, first re-run under glibc's huge-page
+    malloc for the commands that compute (`dsv2_jax.host_memory`; not from `main`, which
+    tests and scripts call in-process)."""
+    from dsv2_jax.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages(next((a for a in sys.argv[1:] if not a.startswith("-")), None))
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -1,0 +1,73 @@
+"""Host memory in transparent huge pages for the `dsv2` commands that compute: the one place
+this choice is made.
+
+XLA:CPU allocates a step's temporaries afresh at every step, and glibc's malloc hands blocks
+that large to the kernel and back (`mmap` / `munmap`), so each step faults in fresh 4 KiB
+pages: the bench config's train step took ~762,000 minor faults, 1.5-1.9 s of system time
+per step. glibc's `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35) makes malloc ask for
+transparent huge pages, ~1,700 faults per step (docs/training.md, "Host memory on CPU").
+glibc reads tunables once, at process start, so the console command re-runs itself (same
+pid, same arguments) with the tunable added, before anything heavy is imported.
+`DSV2_HUGE_PAGES=0` turns this off; a `GLIBC_TUNABLES` that already names the tunable is
+left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TUNABLE = "glibc.malloc.hugetlb"
+# Subcommands whose work runs on the host's memory (training, evaluation, generation, the
+# bench); the others (info, plan, convert) read files and print.
+COMMANDS = ("train", "eval", "generate", "bench")
+_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the running glibc, or None (another libc, another OS)."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        major, minor = version.split(".")[:2]
+        return int(major), int(minor)
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def thp_mode(path: str = _THP) -> str | None:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), or None."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def huge_page_env(environ, glibc: tuple[int, int] | None, thp: str | None) -> dict | None:
+    """The environment to re-run with, or None when nothing is to change: turned off by
+    DSV2_HUGE_PAGES=0, already set, a glibc without the tunable (< 2.35), or a kernel whose
+    transparent huge pages are off ("never") or absent."""
+    if environ.get("DSV2_HUGE_PAGES", "1") == "0":
+        return None
+    current = environ.get("GLIBC_TUNABLES", "")
+    if TUNABLE in current or glibc is None or glibc < (2, 35) or thp not in ("always", "madvise"):
+        return None
+    env = dict(environ)
+    env["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
+    return env
+
+
+def reexec_with_huge_pages(command: str | None) -> None:
+    """For a subcommand in COMMANDS, replaces this process with the same command line under
+    the huge-page tunable, when `huge_page_env` says so; returns otherwise. Call it only from
+    the console entry point: it re-runs `sys.orig_argv`."""
+    if command not in COMMANDS:
+        return
+    env = huge_page_env(os.environ, glibc_version(), thp_mode())
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, list(sys.orig_argv), env)
