@@ -1,15 +1,20 @@
-"""Host memory in transparent huge pages for the `dsv2` commands that compute: the one place
-this choice is made.
+"""Host memory in transparent huge pages for the `dsv2` commands that compute, on request
+(`DSV2_HUGE_PAGES=1`): the one place this choice is made.
 
 XLA:CPU allocates a step's temporaries afresh at every step, and glibc's malloc hands blocks
 that large to the kernel and back (`mmap` / `munmap`), so each step faults in fresh 4 KiB
 pages: the bench config's train step took ~762,000 minor faults, 1.5-1.9 s of system time
 per step. glibc's `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35) makes malloc ask for
 transparent huge pages, ~1,700 faults per step (docs/training.md, "Host memory on CPU").
-glibc reads tunables once, at process start, so the console command re-runs itself (same
-pid, same arguments) with the tunable added, before anything heavy is imported.
-`DSV2_HUGE_PAGES=0` turns this off; a `GLIBC_TUNABLES` that already names the tunable is
-left as it is.
+glibc reads tunables once, at process start, so with `DSV2_HUGE_PAGES=1` the console
+command re-runs itself (same pid, same arguments) with the tunable added, before anything
+heavy is imported; a `GLIBC_TUNABLES` that already names the tunable is left as it is.
+
+Not the default: the kernel may compact memory to find a huge page when one is faulted in,
+and on this machine (transparent huge pages and their defrag both `madvise`) that stalled
+about one call in three of the bench's MoE layer (forward + backward) for ~0.45 s of system
+time (2.05x the dense layer in one bench run against 1.22x without); the train step gains
+on average (docs/training.md, "Host memory on CPU").
 """
 
 from __future__ import annotations
@@ -46,10 +51,10 @@ def thp_mode(path: str = _THP) -> str | None:
 
 
 def huge_page_env(environ, glibc: tuple[int, int] | None, thp: str | None) -> dict | None:
-    """The environment to re-run with, or None when nothing is to change: turned off by
-    DSV2_HUGE_PAGES=0, already set, a glibc without the tunable (< 2.35), or a kernel whose
-    transparent huge pages are off ("never") or absent."""
-    if environ.get("DSV2_HUGE_PAGES", "1") == "0":
+    """The environment to re-run with, or None when nothing is to change: not asked for
+    (DSV2_HUGE_PAGES is not "1"), already set, a glibc without the tunable (< 2.35), or a
+    kernel whose transparent huge pages are off ("never") or absent."""
+    if environ.get("DSV2_HUGE_PAGES") != "1":
         return None
     current = environ.get("GLIBC_TUNABLES", "")
     if TUNABLE in current or glibc is None or glibc < (2, 35) or thp not in ("always", "madvise"):
@@ -61,8 +66,8 @@ def huge_page_env(environ, glibc: tuple[int, int] | None, thp: str | None) -> di
 
 def reexec_with_huge_pages(command: str | None) -> None:
     """For a subcommand in COMMANDS, replaces this process with the same command line under
-    the huge-page tunable, when `huge_page_env` says so; returns otherwise. Call it only from
-    the console entry point: it re-runs `sys.orig_argv`."""
+    the huge-page tunable when `huge_page_env` says so (DSV2_HUGE_PAGES=1); returns
+    otherwise. Call it only from the console entry point: it re-runs `sys.orig_argv`."""
     if command not in COMMANDS:
         return
     env = huge_page_env(os.environ, glibc_version(), thp_mode())

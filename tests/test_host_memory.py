@@ -11,13 +11,14 @@ from dsv2_jax.host_memory import TUNABLE, huge_page_env
 
 
 def test_huge_page_env_adds_the_tunable_only_where_it_can_work():
-    base = {"PATH": "/bin"}
+    base = {"PATH": "/bin", "DSV2_HUGE_PAGES": "1"}
     env = huge_page_env(base, (2, 36), "madvise")
     assert env["GLIBC_TUNABLES"] == f"{TUNABLE}=1" and env["PATH"] == "/bin"
     assert "GLIBC_TUNABLES" not in base  # the caller's mapping is not touched
-    other = huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 40), "always")
+    other = huge_page_env({**base, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 40), "always")
     assert other["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TUNABLE}=1"
-    assert huge_page_env({"GLIBC_TUNABLES": f"{TUNABLE}=0"}, (2, 36), "madvise") is None  # the user's
+    assert huge_page_env({**base, "GLIBC_TUNABLES": f"{TUNABLE}=0"}, (2, 36), "madvise") is None  # the user's
+    assert huge_page_env({"PATH": "/bin"}, (2, 36), "madvise") is None  # not asked for: the default
     assert huge_page_env({"DSV2_HUGE_PAGES": "0"}, (2, 36), "madvise") is None
     assert huge_page_env(base, (2, 34), "madvise") is None  # glibc without the tunable
     assert huge_page_env(base, None, "madvise") is None  # not glibc
@@ -43,7 +44,7 @@ def test_console_reruns_only_the_commands_that_compute(monkeypatch):
     monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
     monkeypatch.setattr(host_memory, "thp_mode", lambda: "madvise")
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.delenv("DSV2_HUGE_PAGES", raising=False)
+    monkeypatch.setenv("DSV2_HUGE_PAGES", "1")
     monkeypatch.setattr(sys, "orig_argv", ["python", "dsv2", "train", "--steps", "1"])
     monkeypatch.setattr(sys, "argv", ["dsv2", "train", "--steps", "1"])
     with pytest.raises(SystemExit) as e:
@@ -54,16 +55,23 @@ def test_console_reruns_only_the_commands_that_compute(monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.console()
     assert e.value.code == 0 and len(calls) == 1
+    monkeypatch.delenv("DSV2_HUGE_PAGES")  # not asked for: train runs as started
+    monkeypatch.setattr(sys, "argv", ["dsv2", "train", "--help"])
+    with pytest.raises(SystemExit) as e:
+        cli.console()
+    assert e.value.code == 0 and len(calls) == 1
 
 
-@pytest.mark.skipif(huge_page_env({}, host_memory.glibc_version(), host_memory.thp_mode()) is None,
+@pytest.mark.skipif(huge_page_env({"DSV2_HUGE_PAGES": "1"}, host_memory.glibc_version(),
+                                  host_memory.thp_mode()) is None,
                     reason="this host's glibc or kernel has no huge-page malloc to turn on")
 def test_reexec_really_replaces_the_process_with_the_tunable_set():
     """A real exec: the child re-runs its own command line and reports what it ran under."""
     code = ("import os, sys; from dsv2_jax.host_memory import reexec_with_huge_pages; "
             "print('run', os.getpid(), flush=True); reexec_with_huge_pages('train'); "
             "print('tunables', os.environ.get('GLIBC_TUNABLES'))")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DSV2_HUGE_PAGES")}
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["DSV2_HUGE_PAGES"] = "1"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split("\n")
     runs = [line for line in out if line.startswith("run ")]
