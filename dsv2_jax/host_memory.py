@@ -32,10 +32,10 @@ _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 def glibc_version() -> tuple[int, int] | None:
     """(major, minor) of the running glibc, or None (another libc, another OS)."""
     try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        version = os.confstr("CS_GNU_LIBC_VERSION").split()[1]  # "glibc 2.36"
         major, minor = version.split(".")[:2]
         return int(major), int(minor)
-    except (AttributeError, ValueError, OSError):
+    except (AttributeError, IndexError, ValueError, OSError):
         return None
 
 
@@ -50,27 +50,41 @@ def thp_mode(path: str = _THP) -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
-def huge_page_env(environ, glibc: tuple[int, int] | None, thp: str | None) -> dict | None:
-    """The environment to re-run with, or None when nothing is to change: not asked for
-    (DSV2_HUGE_PAGES is not "1"), already set, a glibc without the tunable (< 2.35), or a
-    kernel whose transparent huge pages are off ("never") or absent."""
-    if environ.get("DSV2_HUGE_PAGES") != "1":
-        return None
+def asked(environ) -> bool:
+    """Whether DSV2_HUGE_PAGES asks for huge pages (1, true, yes, on)."""
+    return environ.get("DSV2_HUGE_PAGES", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def huge_page_env(environ, glibc: tuple[int, int] | None, thp: str | None) -> tuple[dict | None, str | None]:
+    """(the environment to re-run with, or None when nothing is to change; why an asked-for
+    re-run cannot help, or None). Nothing changes when not asked for (`asked`), when
+    GLIBC_TUNABLES already names the tunable (the user's choice), with a glibc without it
+    (< 2.35), or with transparent huge pages off ("never") or absent."""
+    if not asked(environ):
+        return None, None
     current = environ.get("GLIBC_TUNABLES", "")
-    if TUNABLE in current or glibc is None or glibc < (2, 35) or thp not in ("always", "madvise"):
-        return None
+    if TUNABLE in current:
+        return None, None
+    if glibc is None or glibc < (2, 35):
+        found = "not glibc" if glibc is None else f"glibc {glibc[0]}.{glibc[1]}"
+        return None, f"{TUNABLE} needs glibc 2.35 or newer ({found} here)"
+    if thp not in ("always", "madvise"):
+        return None, f"the kernel's transparent huge pages are {thp or 'absent'} ({_THP})"
     env = dict(environ)
     env["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
-    return env
+    return env, None
 
 
 def reexec_with_huge_pages(command: str | None) -> None:
     """For a subcommand in COMMANDS, replaces this process with the same command line under
-    the huge-page tunable when `huge_page_env` says so (DSV2_HUGE_PAGES=1); returns
-    otherwise. Call it only from the console entry point: it re-runs `sys.orig_argv`."""
+    the huge-page tunable when `huge_page_env` says so (DSV2_HUGE_PAGES=1); says in one line
+    why not when asked for and impossible; returns otherwise. Call it only from the console
+    entry point: it re-runs `sys.orig_argv`."""
     if command not in COMMANDS:
         return
-    env = huge_page_env(os.environ, glibc_version(), thp_mode())
+    env, why_not = huge_page_env(os.environ, glibc_version(), thp_mode())
+    if why_not:
+        print(f"dsv2: DSV2_HUGE_PAGES ignored: {why_not}", file=sys.stderr)
     if env is None:
         return
     sys.stdout.flush()
