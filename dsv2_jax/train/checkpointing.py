@@ -68,7 +68,8 @@ def _quiet_orphaned_reads() -> None:
     to schedule a callback on the closed loop and Python prints 'Exception ignored ...
     RuntimeError: Event loop is closed' (once per array). The restore's failure is reported
     by us; these echoes of it are dropped, every other unraisable exception still goes to
-    the previous hook."""
+    the previous hook. Installed once, before a process's first restore (the echoes can come
+    before the failure reaches the caller)."""
     previous = sys.unraisablehook
     if getattr(previous, "_dsv2_quiet", False):
         return
@@ -118,6 +119,9 @@ class TrainCheckpoints:
         steps = self.steps()
         if not steps:
             return None, None
+        # Before the first try: a failing restore's orphaned reads can hit Orbax's closed loop
+        # while the failure is still on its way up, before the except clause below runs.
+        _quiet_orphaned_reads()
         for step in reversed(steps):
             args = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iter is not None:
@@ -127,7 +131,6 @@ class TrainCheckpoints:
                 state = restored["state"]
                 jax.block_until_ready(state)
             except Exception as e:  # noqa: BLE001 - judged below
-                _quiet_orphaned_reads()
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 if _is_structure_mismatch(e):
                     # The files are fine; the run asks for a differently shaped state.
