@@ -21,7 +21,8 @@ Rows (the `bench` preset: hidden 1024, 4 layers with the first dense, 8 heads, k
                   and of a 4-layer cut of it: compile time does not grow with depth
     memory        peak resident memory each side adds while it runs (sampled)
 
-Machines are noisy: each row alternates ours and theirs and reports the median of rounds,
+Both frameworks run in this process; `--isolate` gives each a worker process of its own
+(`bench_sides`: transformers gains ~5% from it, our ratio loses as much). Machines are noisy: each row alternates ours and theirs and reports the median of rounds,
 the ratio of the medians with, in brackets, the range of the per-round ratios (each round's
 two sides ran back to back); only ratios from one run are comparable. Results go to the
 terminal and, unless --no-doc, to docs/benchmarks.md between the `dsv2 bench` markers, with
@@ -179,13 +180,14 @@ def _timed(fn) -> float:
 
 
 def _alternate(ours, theirs, rounds: int):
-    """Seconds of each over `rounds` alternating rounds (after one warm-up each): (median of
-    ours, median of theirs, the per-round ratios theirs / ours)."""
+    """Seconds of each over `rounds` alternating rounds, after one warm-up each; ours() and
+    theirs() return the seconds of one call: (median of ours, median of theirs, the per-round
+    ratios theirs / ours)."""
     ours(), theirs()
     o, h = [], []
     for _ in range(rounds):
-        o.append(_timed(ours))
-        h.append(_timed(theirs))
+        o.append(ours())
+        h.append(theirs())
     return statistics.median(o), statistics.median(h), _round_ratios(h, o)
 
 
@@ -223,70 +225,29 @@ def hf_train_steps(hf, opt, tids, n: int) -> None:
         opt.step()
 
 
-def bench_train(cfg, hf, model, B, T, steps, rounds) -> dict:
-    import jax
-    import torch
+def _side_by_side(sides, key, rounds, **kw):
+    """Prepares case `key` on both sides (ours first), alternates `rounds` timed calls, then
+    drops it: (median seconds ours, theirs, per-round ratios, peak MB ours, theirs)."""
+    mo = sides.ours.prepare(key, key, **kw)
+    mh = sides.theirs.prepare(key, key, **kw)
+    o, h, rr = _alternate(lambda: sides.ours.time(key), lambda: sides.theirs.time(key), rounds)
+    sides.ours.drop(key), sides.theirs.drop(key)
+    return o, h, rr, mo, mh
 
+
+def bench_train(sides, cfg, B, T, steps, rounds) -> dict:
     from dsv2_jax.train.metrics import train_flops_per_token
-    from dsv2_jax.train.optim import lr_schedule, make_optimizer
-    from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
 
-    ids, batch = _batch(cfg, B, T)
-    fns = ModelFns.from_model(model)
-    sched = lr_schedule(1e-4, 1000, 0, "constant")
-    tx = make_optimizer(sched)
-    step = jax.jit(make_train_step(fns, cfg, tx, sched), donate_argnums=0)
-    holder = {"state": init_state(jax.tree.map(lambda a: a.copy(), params_of(model)), tx)}
-    hf.train()
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    tids = torch.as_tensor(ids[:, :T], dtype=torch.long)
-
-    def ours():
-        for _ in range(steps):
-            holder["state"], m = step(holder["state"], batch)
-        jax.block_until_ready(m["loss"])
-
-    def theirs():
-        hf_train_steps(hf, opt, tids, steps)
-
-    with PeakRSS() as mo:
-        ours()
-    with PeakRSS() as mh:
-        theirs()
-    o, h, rr = _alternate(ours, theirs, rounds)
+    o, h, rr, mo, mh = _side_by_side(sides, "train", rounds, B=B, T=T, steps=steps)
     tok = B * T * steps
     return {"ours_tok_s": tok / o, "hf_tok_s": tok / h, "ratio": h / o, "ratio_rounds": rr,
-            "flops_per_token": train_flops_per_token(cfg, T),
-            "ours_peak_mb": mo.added_mb, "hf_peak_mb": mh.added_mb}
+            "flops_per_token": train_flops_per_token(cfg, T), "ours_peak_mb": mo, "hf_peak_mb": mh}
 
 
-def bench_prefill(cfg, hf, model, B, T, rounds) -> dict:
-    import jax
-    import torch
-    from flax import nnx
-
-    from dsv2_jax.compile_options import jit_forward
-
-    ids, batch = _batch(cfg, B, T, seed=1)
-    graphdef, state = nnx.split(model)
-    fwd = jit_forward(lambda st, x: nnx.merge(graphdef, st)(x))  # the options `dsv2 eval` compiles with
-    hf.eval()
-    tids = torch.as_tensor(ids[:, :T], dtype=torch.long)
-
-    def ours():
-        jax.block_until_ready(fwd(state, batch["inputs"]))
-
-    def theirs():
-        with torch.no_grad():
-            hf(tids)
-
-    with PeakRSS() as mo:
-        ours()
-    with PeakRSS() as mh:
-        theirs()
-    o, h, rr = _alternate(ours, theirs, rounds)
+def bench_prefill(sides, B, T, rounds) -> dict:
+    o, h, rr, mo, mh = _side_by_side(sides, "prefill", rounds, B=B, T=T)
     return {"ours_tok_s": B * T / o, "hf_tok_s": B * T / h, "ratio": h / o, "ratio_rounds": rr,
-            "ours_peak_mb": mo.added_mb, "hf_peak_mb": mh.added_mb}
+            "ours_peak_mb": mo, "hf_peak_mb": mh}
 
 
 def decode_bytes_per_step(cfg, B: int, S: int, dtype_bytes: int = 4) -> float:
@@ -319,38 +280,20 @@ def decode_seconds(gen, new: int) -> float:
     return long - (first + gen(1)) / 2
 
 
-def bench_decode(cfg, hf, model, B, T, new, rounds) -> dict:
-    import torch
-
-    from dsv2_jax.generation import generate
-
-    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
-    tids = torch.as_tensor(ids, dtype=torch.long)
-    hf.eval()
-
-    def ours(n):
-        return _timed(lambda: generate(model, ids, n))
-
-    def theirs(n):
-        with torch.no_grad():
-            return _timed(lambda: hf.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=n,
-                                              min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                              pad_token_id=0))
-
-    with PeakRSS() as mo:
-        ours(1), ours(new + 1)  # compiles (one bucket)
-    with PeakRSS() as mh:
-        theirs(1)
+def bench_decode(sides, cfg, B, T, new, rounds) -> dict:
+    key = f"decode_{B}x{T}"
+    mo = sides.ours.prepare(key, "decode", warm=((1,), (new + 1,)), B=B, T=T)  # compiles (one bucket)
+    mh = sides.theirs.prepare(key, "decode", warm=((1,),), B=B, T=T)
     o, h = [], []
     for _ in range(rounds):
-        o.append(decode_seconds(ours, new))
-        h.append(decode_seconds(theirs, new))
+        o.append(decode_seconds(lambda n: sides.ours.time(key, n), new))
+        h.append(decode_seconds(lambda n: sides.theirs.time(key, n), new))
+    sides.ours.drop(key), sides.theirs.drop(key)
     rr = _round_ratios(h, o)
     o, h = statistics.median(o), statistics.median(h)
     tok = B * new
     return {"ours_tok_s": tok / o, "hf_tok_s": tok / h, "ratio": h / o, "ratio_rounds": rr, "batch": B,
-            "bytes_per_step": decode_bytes_per_step(cfg, B, T + new // 2),
-            "ours_peak_mb": mo.added_mb, "hf_peak_mb": mh.added_mb}
+            "bytes_per_step": decode_bytes_per_step(cfg, B, T + new // 2), "ours_peak_mb": mo, "hf_peak_mb": mh}
 
 
 def bench_moe(cfg, T, rounds) -> dict:
@@ -377,7 +320,7 @@ def bench_moe(cfg, T, rounds) -> dict:
         return nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=(0, 1))(m, x)
 
     def run(f, m):
-        return lambda: jax.block_until_ready(f(m, x))
+        return lambda: _timed(lambda: jax.block_until_ready(f(m, x)))
 
     o, d, rr = _alternate(run(g_moe, moe), run(g_dense, dense), rounds)
     return {"moe_ms": o * 1e3, "dense_ms": d * 1e3, "ratio": o / d, "ratio_rounds": [1 / x for x in rr]}
@@ -466,7 +409,8 @@ def table(res: dict) -> str:
 
 
 def write_doc(path: str, res: dict, command: str) -> None:
-    block = (f"{DOC_BEGIN}\n`{command}`, {time.strftime('%Y-%m-%d')}, {machine()}:\n\n{table(res)}\n\n"
+    sides = f"; the two frameworks in {res['sides']}" if "sides" in res else ""
+    block = (f"{DOC_BEGIN}\n`{command}`, {time.strftime('%Y-%m-%d')}, {machine()}{sides}:\n\n{table(res)}\n\n"
              f"Raw figures: `{json.dumps(res, sort_keys=True)}`\n{DOC_END}")
     text = open(path).read() if os.path.exists(path) else "# Measured figures\n"
     if DOC_BEGIN in text and DOC_END in text:
@@ -490,31 +434,34 @@ def run(a) -> dict:
     only = set(a.only.split(",")) if a.only else set(ROWS)
     first = ceilings(quick)
     print(f"ceilings (start): {first}", flush=True)
-    hf, model = models(cfg) if only & {"train", "prefill", "decode"} else (None, None)
     B, T = (2, 32) if quick else (4, 512)
     rounds = 1 if quick else a.rounds
-    if "train" in only:
-        res["train"] = bench_train(cfg, hf, model, B, T, 1 if quick else a.steps, rounds)
-        res["train"]["shape"] = f"{B} x {T}"
-        print(f"train: {res['train']}", flush=True)
-    if "prefill" in only:
-        res["prefill"] = bench_prefill(cfg, hf, model, B, T, rounds)
-        res["prefill"]["shape"] = f"{B} x {T}"
-        print(f"prefill: {res['prefill']}", flush=True)
-    if "decode" in only:
-        new = 8 if quick else a.new
-        for (b, t), key in (((1, 32 if quick else 256), "decode_1x256"), ((4 if not quick else 2, 64 if quick else 2048),
-                                                                         "decode_4x2048")):
-            res[key] = bench_decode(cfg, hf, model, b, t, new, rounds)
-            res[key]["shape"] = f"batch {b}, {t} prompt"
-            print(f"{key}: {res[key]}", flush=True)
+    if only & {"train", "prefill", "decode"}:
+        from dsv2_jax.bench_sides import Sides
+
+        with Sides(cfg, isolate=a.isolate) as sides:
+            if "train" in only:
+                res["train"] = bench_train(sides, cfg, B, T, 1 if quick else a.steps, rounds)
+                res["train"]["shape"] = f"{B} x {T}"
+                print(f"train: {res['train']}", flush=True)
+            if "prefill" in only:
+                res["prefill"] = bench_prefill(sides, B, T, rounds)
+                res["prefill"]["shape"] = f"{B} x {T}"
+                print(f"prefill: {res['prefill']}", flush=True)
+            if "decode" in only:
+                new = 8 if quick else a.new
+                for b, t, key in ((1, 32 if quick else 256, "decode_1x256"),
+                                  (2 if quick else 4, 64 if quick else 2048, "decode_4x2048")):
+                    res[key] = bench_decode(sides, cfg, b, t, new, rounds)
+                    res[key]["shape"] = f"batch {b}, {t} prompt"
+                    print(f"{key}: {res[key]}", flush=True)
+        res["sides"] = "a process each" if a.isolate else "one process"
     if "moe" in only:
         res["moe"] = bench_moe(cfg, 256 if quick else 2048, max(3, rounds))
         print(f"moe: {res['moe']}", flush=True)
     if "compile" in only:
         res["compile"] = bench_compile(quick)
         print(f"compile: {res['compile']}", flush=True)
-    del hf, model
     last = ceilings(quick)
     print(f"ceilings (end): {last}", flush=True)
     against_ceilings(res, first, last)
@@ -532,6 +479,9 @@ def add_cli(sub) -> None:
     p.add_argument("--steps", type=int, default=2, help="train steps per round")
     p.add_argument("--new", type=int, default=64, help="decode: new tokens timed per case")
     p.add_argument("--quick", action="store_true", help="a toy config, seconds: a smoke run")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each framework in a worker process of its own (default: both in this process, "
+                        "as every table so far)")
     p.add_argument("--doc", default="docs/benchmarks.md",
                    help="markdown file whose `dsv2 bench` block is replaced with the results")
     p.add_argument("--no-doc", action="store_true", help="print only")

@@ -99,3 +99,35 @@ def test_decode_seconds_discards_the_first_call_and_brackets_the_long_one():
 
     assert B.decode_seconds(gen, 64) == 9.0 - 6.25
     assert calls == [1, 1, 65, 1]
+
+
+@pytest.mark.slow
+def test_isolated_sides_run_in_their_own_workers_and_report_failures():
+    """With isolate, the two frameworks run in worker processes of their own (not this one); a
+    failing case comes back as an error carrying the worker's traceback, a dead worker as a
+    clear error, and leaving the context ends both workers. Without, both run here."""
+    import psutil
+
+    from dsv2_jax.bench_sides import Sides
+
+    cfg = B.bench_config(quick=True)
+    with Sides(cfg, isolate=True) as sides:
+        procs = [sides.ours._proc, sides.theirs._proc]
+        assert len({p.pid for p in procs} | {os.getpid()}) == 3
+        sides.ours.prepare("p", "prefill", B=1, T=8)
+        assert sides.ours.time("p") > 0
+        with pytest.raises(RuntimeError, match="KeyError: 'nope'"):
+            sides.theirs.prepare("x", "nope")
+        with pytest.raises(RuntimeError, match="KeyError: 'p'"):
+            sides.theirs.time("p")  # prepared on our side only
+        sides.theirs.prepare("p", "prefill", B=1, T=8)  # the worker still answers after errors
+        assert sides.theirs.time("p") > 0
+        psutil.Process(procs[1].pid).kill()
+        procs[1].join(10)
+        with pytest.raises(RuntimeError, match="transformers bench worker died"):
+            sides.theirs.prepare("q", "prefill", B=1, T=8)
+    assert not any(p.is_alive() for p in procs)
+    with Sides(cfg) as sides:  # the default: both sides here
+        assert not hasattr(sides.ours, "_proc")
+        sides.theirs.prepare("p", "prefill", B=1, T=8)
+        assert sides.theirs.time("p") > 0
