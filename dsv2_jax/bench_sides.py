@@ -266,9 +266,9 @@ class WorkerSide:
 
 
 class Sides:
-    """Both sides of a run (isolate: each in a worker process), from one random-init transformers model (seed 0) saved once to a
-    temporary HF checkpoint that both load. A context manager: the workers and the directory
-    are gone on exit, whatever happened."""
+    """Both sides of a run (isolate: each in a worker process), from one random-init
+    transformers model (seed 0) saved once to a temporary HF checkpoint that both load. A
+    context manager: the workers and the directory are gone on exit, whatever happened."""
 
     def __init__(self, cfg, isolate: bool = False):
         self.cfg, self.isolate = cfg, isolate

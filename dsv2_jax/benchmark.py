@@ -22,9 +22,10 @@ Rows (the `bench` preset: hidden 1024, 4 layers with the first dense, 8 heads, k
     memory        peak resident memory each side adds while it runs (sampled)
 
 Both frameworks run in this process; `--isolate` gives each a worker process of its own
-(`bench_sides`: transformers gains ~5% from it, our ratio loses as much). Machines are noisy: each row alternates ours and theirs and reports the median of rounds,
-the ratio of the medians with, in brackets, the range of the per-round ratios (each round's
-two sides ran back to back); only ratios from one run are comparable. Results go to the
+(`bench_sides`: transformers gains ~5% from it, our ratio loses ~8%). Machines are noisy:
+each row alternates ours and theirs and reports the median of rounds, the ratio of the
+medians with, in brackets, the range of the per-round ratios (each round's two sides ran
+back to back); only ratios from one run are comparable. Results go to the
 terminal and, unless --no-doc, to docs/benchmarks.md between the `dsv2 bench` markers, with
 the command and the machine.
 """
