@@ -4,7 +4,7 @@ process of its own (`dsv2 bench --isolate`).
 A user trains or decodes with one framework in a process, not both; in one process the two
 share a malloc heap and two thread pools. `WorkerSide` gives a side a process of its own,
 started once and kept for the run: it loads the same checkpoint, prepares a case on command
-(compiles, warms up, measures the resident memory it adds) and then times calls of it, while
+(compiles, warms up, measures the resident memory it adds), then times calls of it, while
 the parent alternates the two sides' calls as before, so that both still see the same
 moments of a noisy machine. `Side` is the same thing in this process, the default.
 
@@ -12,9 +12,10 @@ Measured on this repository's 2-core host (2026-12-01, `dsv2 bench --only train 
 the two modes alternating, two runs each; docs/benchmarks.md): with a process each,
 transformers ran 289 / 293 tok/s against 277 / 274 in one process, ours 224 / 244 against
 235 / 249, the ratio 0.78x / 0.83x against 0.85x / 0.91x. Each side alone, in a process of
-its own and not alternating, ran ~268-284 (ours) and ~279-306 tok/s (transformers): our
-step loses ~15% to the other process's rounds between its own, transformers' does not. The
-default stays one process, the measurement every earlier table used.
+its own and not alternating, ran ~266-286 (ours) and ~279-306 tok/s (transformers); inside
+one isolated run our rounds took 14.9 s back to back and 17.4 s with one of transformers'
+between each, transformers' 13.9 and 14.7: the other process's rounds cost our step 10-15%,
+transformers' ~5%. The default stays one process, the measurement every earlier table used.
 
 A case is a function of (the side's model, cfg, **kw) that returns the work: a callable
 whose calls are timed. `CASES[side][name]` holds them.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import tempfile
-import time
 import traceback
 
 OURS, THEIRS = "dsv2_jax", "transformers"
@@ -168,10 +168,10 @@ class Side:
 
     def time(self, key: str, *args) -> float:
         """Seconds of one call of a prepared case."""
+        from dsv2_jax.benchmark import _timed
+
         fn = self.work[key]
-        t = time.perf_counter()
-        fn(*args)
-        return time.perf_counter() - t
+        return _timed(lambda: fn(*args))
 
     def drop(self, key: str) -> None:
         """Forgets a case (and the optimizer state or caches it held)."""
@@ -275,14 +275,10 @@ class Sides:
         self.ours = self.theirs = None
 
     def __enter__(self):
-        import torch
-        from transformers import DeepseekV2ForCausalLM
-
-        from dsv2_jax.benchmark import hf_config
+        from dsv2_jax.benchmark import save_reference
 
         self._dir = tempfile.TemporaryDirectory(prefix="dsv2-bench-")
-        torch.manual_seed(0)
-        DeepseekV2ForCausalLM(hf_config(self.cfg)).float().save_pretrained(self._dir.name)
+        save_reference(self.cfg, self._dir.name)
         make = WorkerSide if self.isolate else Side
         try:
             self.theirs = make(THEIRS, self.cfg, self._dir.name)

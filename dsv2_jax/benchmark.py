@@ -83,21 +83,27 @@ def hf_config(cfg, attn: str = "sdpa"):
     return hf
 
 
+def save_reference(cfg, path: str):
+    """The transformers model of the bench's weights (random init, seed 0), saved to `path`
+    as an HF checkpoint, the one our model loads: -> the transformers model."""
+    import torch
+    from transformers import DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    hf = DeepseekV2ForCausalLM(hf_config(cfg)).float()
+    hf.save_pretrained(path)
+    return hf
+
+
 def models(cfg):
     """(HF model, our model with the same weights: through save_pretrained/from_pretrained)."""
     import tempfile
 
-    import torch
-    from transformers import DeepseekV2ForCausalLM
+    from dsv2_jax.bench_sides import OURS, load_side
 
-    from dsv2_jax import from_pretrained
-
-    torch.manual_seed(0)
-    hf = DeepseekV2ForCausalLM(hf_config(cfg)).float()
-    knobs = {k: getattr(cfg, k) for k in ("scan_unroll", "attn_impl", "moe_backend", "ce_chunk", "remat")}
     with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        ours = from_pretrained(d, dtype="float32", **knobs)  # the runtime knobs of the preset
+        hf = save_reference(cfg, d)
+        ours = load_side(OURS, cfg, d)
     return hf, ours
 
 
