@@ -379,6 +379,7 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}, "
+            f"LD_PRELOAD={os.environ.get('LD_PRELOAD') or '(unset)'}, "
             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}")
 
 

@@ -57,12 +57,13 @@ def main(argv=None) -> int:
 
 
 def console() -> int:
-    """The `dsv2` console command: `main` on sys.argv, first re-run under glibc's huge-page
-    malloc for the commands that compute when DSV2_HUGE_PAGES=1 (`dsv2_jax.host_memory`; not
-    from `main`, which tests and scripts call in-process)."""
-    from dsv2_jax.host_memory import reexec_with_huge_pages
+    """The `dsv2` console command: `main` on sys.argv, first re-run, for the commands that
+    compute, under the allocator DSV2_MALLOC names and glibc's huge-page malloc when
+    DSV2_HUGE_PAGES=1 (`dsv2_jax.host_memory`; not from `main`, which tests and scripts call
+    in-process)."""
+    from dsv2_jax.host_memory import reexec_for_host_memory
 
-    reexec_with_huge_pages(next((a for a in sys.argv[1:] if not a.startswith("-")), None))
+    reexec_for_host_memory(next((a for a in sys.argv[1:] if not a.startswith("-")), None))
     return main()
 
 

@@ -1,4 +1,5 @@
-"""The console command's re-run under glibc's huge-page malloc (`dsv2_jax.host_memory`)."""
+"""The console command's re-run under another allocator or glibc's huge-page malloc
+(`dsv2_jax.host_memory`)."""
 
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from dsv2_jax import cli, host_memory
-from dsv2_jax.host_memory import TUNABLE, huge_page_env
+from dsv2_jax.host_memory import TUNABLE, find_allocator, huge_page_env, malloc_env
 
 
 def test_huge_page_env_adds_the_tunable_only_where_it_can_work():
@@ -63,7 +64,7 @@ def test_console_reruns_only_the_commands_that_compute(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.console()
     assert e.value.code == 0 and len(calls) == 1
-    assert "DSV2_HUGE_PAGES ignored: the kernel's transparent huge pages are never" in capsys.readouterr().err
+    assert "dsv2: DSV2_HUGE_PAGES ignored: the kernel's transparent huge pages are never" in capsys.readouterr().err
     monkeypatch.delenv("DSV2_HUGE_PAGES")  # not asked for: train runs as started
     monkeypatch.setattr(sys, "argv", ["dsv2", "train", "--help"])
     with pytest.raises(SystemExit) as e:
@@ -76,8 +77,8 @@ def test_console_reruns_only_the_commands_that_compute(monkeypatch, capsys):
                     reason="this host's glibc or kernel has no huge-page malloc to turn on")
 def test_reexec_really_replaces_the_process_with_the_tunable_set():
     """A real exec: the child re-runs its own command line and reports what it ran under."""
-    code = ("import os, sys; from dsv2_jax.host_memory import reexec_with_huge_pages; "
-            "print('run', os.getpid(), flush=True); reexec_with_huge_pages('train'); "
+    code = ("import os, sys; from dsv2_jax.host_memory import reexec_for_host_memory; "
+            "print('run', os.getpid(), flush=True); reexec_for_host_memory('train'); "
             "print('tunables', os.environ.get('GLIBC_TUNABLES'))")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env["DSV2_HUGE_PAGES"] = "1"
@@ -86,3 +87,72 @@ def test_reexec_really_replaces_the_process_with_the_tunable_set():
     runs = [line for line in out if line.startswith("run ")]
     assert len(runs) == 2 and runs[0] == runs[1]  # ran twice, the same pid: replaced, not spawned
     assert f"tunables {TUNABLE}=1" in out
+
+
+def _libm() -> str:
+    """A real shared library that is harmless to preload (the C math library)."""
+    import ctypes.util
+
+    name = ctypes.util.find_library("m")
+    path = next((os.path.join(d, name) for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu",
+                                                 "/lib64", "/usr/lib64", "/lib", "/usr/lib")
+                 if name and os.path.isfile(os.path.join(d, name))), None)
+    if path is None:
+        pytest.skip("no libm file found to preload")
+    return path
+
+
+def test_malloc_env_preloads_the_named_allocator_once(tmp_path):
+    found = {"tcmalloc": "libtcmalloc_minimal.so.4", "jemalloc": None}
+    find = lambda name: found.get(name) if "/" not in name else (name if os.path.isfile(name) else None)
+    env, why = malloc_env({"PATH": "/bin", "DSV2_MALLOC": " TCMalloc "}, find)
+    assert env == {"PATH": "/bin", "DSV2_MALLOC": " TCMalloc ", "LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+    assert why is None
+    # The user's own preloads are kept, after the allocator; a run that already has it is left alone.
+    env, _ = malloc_env({"DSV2_MALLOC": "tcmalloc", "LD_PRELOAD": "/opt/libx.so"}, find)
+    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:/opt/libx.so"
+    assert malloc_env({"DSV2_MALLOC": "tcmalloc", "LD_PRELOAD": env["LD_PRELOAD"]}, find) == (None, None)
+    # Not asked for, or the C library's own malloc: nothing to change, nothing to say.
+    for value in (None, "", "glibc", "default", "0"):
+        environ = {} if value is None else {"DSV2_MALLOC": value}
+        assert malloc_env(environ, find) == (None, None), value
+    # A library by path: used when the file exists.
+    lib = tmp_path / "libmine.so"
+    lib.write_bytes(b"")
+    assert malloc_env({"DSV2_MALLOC": str(lib)}, find)[0]["LD_PRELOAD"] == str(lib)
+    # Asked for and impossible: nothing to change, and why (with how to get it).
+    for value, says in [("jemalloc", "apt install libjemalloc2"), ("mimalloc", "expected one of tcmalloc, jemalloc"),
+                        (str(tmp_path / "absent.so"), "no such file")]:
+        env, why = malloc_env({"DSV2_MALLOC": value}, find)
+        assert env is None and says in why, (value, why)
+
+
+def test_find_allocator_asks_the_loader_in_order(tmp_path):
+    seen = []
+    assert find_allocator("tcmalloc", lambda n: seen.append(n)) is None
+    assert seen == ["tcmalloc_minimal", "tcmalloc"]
+    assert find_allocator("tcmalloc", lambda n: "libtcmalloc.so.4" if n == "tcmalloc" else None) == "libtcmalloc.so.4"
+    assert find_allocator("nothing", lambda n: "x") is None
+    assert find_allocator(str(tmp_path)) is None  # a directory is not a library
+
+
+def test_reexec_really_preloads_the_allocator():
+    """A real exec with a real library preloaded (libm stands in for an allocator: the
+    mechanism is the same): the child runs twice, the same pid, LD_PRELOAD set the second
+    time; an impossible request is one line on stderr and no re-run."""
+    lib = _libm()
+    code = ("import os, sys; from dsv2_jax.host_memory import reexec_for_host_memory; "
+            "print('run', os.getpid(), flush=True); reexec_for_host_memory('train'); "
+            "print('preload', os.environ.get('LD_PRELOAD'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DSV2_HUGE_PAGES")}
+    env["DSV2_MALLOC"] = lib
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    runs = [line for line in out if line.startswith("run ")]
+    assert len(runs) == 2 and runs[0] == runs[1]
+    assert f"preload {lib}" in out
+    env["DSV2_MALLOC"] = "/nonexistent/libtcmalloc.so"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert len([line for line in res.stdout.split("\n") if line.startswith("run ")]) == 1
+    assert "preload None" in res.stdout
+    assert res.stderr.strip().endswith("dsv2: DSV2_MALLOC=/nonexistent/libtcmalloc.so: no such file")
