@@ -8,6 +8,7 @@ Forms (see `dsv2_jax.decode.few_row_products` and `layer_copies`): `dot` (every 
 (only the output head laid out [vocab, D]) and `rows` (the head and every Linear of the step
 laid out [out, in] in one copy per layer, what `generate` uses at 2-8 rows on one CPU device);
 at batch 1, `dot` and `layers` (one copy per layer in the dot layout, what `generate` uses).
+At 2-8 rows `layers` is timed too, to weigh the few-row layout against the copies alone.
 The cache is prefilled once with random tokens; each timing runs --steps decode steps in one
 jitted loop; rounds alternate the forms so that machine noise hits them all.
 Prints milliseconds per step (median over rounds) and each round's figures.
@@ -53,6 +54,13 @@ def main() -> None:
     if rows.head_rows is None:  # one row: the copies keep the dot layout
         forms["layers"] = rows
     else:
+        import dsv2_jax.decode as decode
+        chosen = decode.few_row_products
+        decode.few_row_products = lambda batch: False  # the copies in the dot layout
+        try:
+            forms["layers"] = jax.jit(lambda st: absorb(nnx.merge(graphdef, st), B))(state)
+        finally:
+            decode.few_row_products = chosen
         forms.update(head=rows.replace(layer_states=None, layer_graphdefs=None), rows=rows)
 
     @jax.jit
