@@ -190,12 +190,12 @@ def _copy_part(graphdef, state, rows: bool):
     return nnx.split(module)
 
 
-def absorb(model, batch: int | None = None) -> AbsorbedWeights:
+def absorb(model, batch: int | None = None, rows: bool | None = None) -> AbsorbedWeights:
     """Splits every layer's kv_b_proj kernel [C, N*(P+V)] into per-head W_UK [N, C, P] and
     W_UV [N, C, V], in the compute dtype; when `layer_copies(batch)`, copies the decode parts
-    one layer at a time, and when `few_row_products(batch)`, lays the output head out as
-    [vocab, D] and every decode Linear of those copies as [out, in]. Done once per generate
-    call, outside the loop."""
+    one layer at a time, and when `rows` (None: `few_row_products(batch)`; a benchmark may
+    force either layout), lays the output head out as [vocab, D] and every decode Linear of
+    those copies as [out, in]. Done once per generate call, outside the loop."""
     cfg = model.cfg
     N, P, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
     dt = dtype_of(cfg.dtype)
@@ -208,7 +208,8 @@ def absorb(model, batch: int | None = None) -> AbsorbedWeights:
     out = AbsorbedWeights(tuple(w_uk), tuple(w_uv))
     if batch is None or not layer_copies(batch):
         return out
-    rows = few_row_products(batch)
+    if rows is None:
+        rows = few_row_products(batch)
     states, graphdefs = [], []
     for seg in model.segments:
         parts = {name: _copy_part(*gs, rows) for name, gs in _decode_parts(seg)[0].items()}

@@ -46,7 +46,8 @@ def main() -> None:
     lengths = jnp.full((B,), T, jnp.int32)
     cache = jax.jit(lambda st: prefill(nnx.merge(graphdef, st), ids, lengths,
                                        init_cache(cfg, B, T + a.steps + 64))[1])(state)
-    rows = jax.jit(lambda st: absorb(nnx.merge(graphdef, st), B))(state)
+    absorbed = jax.jit(lambda st, rows: absorb(nnx.merge(graphdef, st), B, rows), static_argnums=1)
+    rows = absorbed(state, None)  # what generate chooses
     if rows.layer_states is None:
         raise SystemExit(f"batch {B} on {jax.default_backend()} x {jax.device_count()} device(s) "
                          "takes neither per-layer copies nor the few-row form (decode.layer_copies)")
@@ -54,13 +55,7 @@ def main() -> None:
     if rows.head_rows is None:  # one row: the copies keep the dot layout
         forms["layers"] = rows
     else:
-        import dsv2_jax.decode as decode
-        chosen = decode.few_row_products
-        decode.few_row_products = lambda batch: False  # the copies in the dot layout
-        try:
-            forms["layers"] = jax.jit(lambda st: absorb(nnx.merge(graphdef, st), B))(state)
-        finally:
-            decode.few_row_products = chosen
+        forms["layers"] = absorbed(state, False)  # the copies in the dot layout
         forms.update(head=rows.replace(layer_states=None, layer_graphdefs=None), rows=rows)
 
     @jax.jit
