@@ -3,6 +3,7 @@ MoE layer against the one-device layer, forward and gradients, at odd token coun
 
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,8 +40,7 @@ def check(mesh_shape, B, T, backend, train):
     np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), atol=tol, rtol=tol)
     np.testing.assert_allclose(float(l2), float(l1), rtol=tol)
     np.testing.assert_allclose(np.asarray(gx2), np.asarray(gx1), atol=tol, rtol=tol)
-    for a, b in zip(jax.tree.leaves(gs2), jax.tree.leaves(gs1)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol, rtol=tol)
+    chex.assert_trees_all_close(gs2, gs1, atol=tol, rtol=tol)
     assert float(jnp.max(jnp.abs(gx1))) > 0
     print("ok", mesh_shape, B, T, backend, train)
 

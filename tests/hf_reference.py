@@ -10,6 +10,8 @@ import torch
 from transformers import DeepseekV2Config as HFConfig
 from transformers import DeepseekV2ForCausalLM as HFModel
 
+from compare import rel as rel_err  # noqa: F401  (the tests' name for it)
+
 # Small shapes that still exercise everything; odd sizes on purpose.
 BASE = dict(
     vocab_size=97, hidden_size=48, intermediate_size=72, moe_intermediate_size=24,
@@ -88,9 +90,6 @@ def logits(model: HFModel, ids: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def official_norm_topk(model: HFModel) -> HFModel:

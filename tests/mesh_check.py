@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from compare import rel, tree_rel
 from dsv2_jax import load_config
 from dsv2_jax.model import DeepseekV2ForCausalLM
 from dsv2_jax.sharding.mesh import batch_sharding, make_mesh
@@ -38,11 +39,6 @@ def batch(B=8, T=13, seed=0):
     return {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
             "positions": pos.astype(np.int32), "segment_ids": seg.astype(np.int32),
             "loss_mask": (rng.random((B, T)) > 0.1).astype(np.int32)}
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def main(meshes):
@@ -79,7 +75,7 @@ def main(meshes):
             logits2 = logits_fn(p_m, b_m)
         hlo = compiled.as_text()
         err = {"loss": rel(l2, l1), "logits": rel(logits2, logits1),
-               "grads": max(rel(a, b) for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)))}
+               "grads": tree_rel(g2, g1)}
         for k in ("expert_loss", "load_max_over_mean", "tokens"):
             err[k] = rel(s2[k], s1[k])
         assert max(err.values()) <= 1e-5, (spec, err)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from compare import rel, tree_rel
 from dsv2_jax import load_config
 from dsv2_jax.moe import MoE, emulate_ragged_all_to_all, simulate_token_shards
 from dsv2_jax.sharding.mesh import batch_sharding, make_mesh
@@ -28,11 +29,6 @@ from dsv2_jax.sharding.rules import param_shardings
 from dsv2_jax.train.step import ModelFns, loss_and_stats, params_of
 
 TOL = 2e-5
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def moe_cfg(ep, **kw):
@@ -88,7 +84,7 @@ def layer_case(spec, B=8, T=9, skew=False, ragged=False, train=True, **kw):
     if skew:
         assert (np.sort(np.asarray(r1.topk_idx), axis=1) == np.arange(cfg.num_experts_per_tok)).all()
     err = {"y": rel(y2, y1), "loss": rel(l2, l1), "dx": rel(gx2, gx1),
-           "dparams": max(rel(a, b) for a, b in zip(jax.tree.leaves(gs2), jax.tree.leaves(gs1))),
+           "dparams": tree_rel(gs2, gs1),
            "counts": rel(r2.expert_counts, r1.expert_counts)}
     assert max(err.values()) <= TOL, (spec, err)
     if ep > 1:
@@ -135,7 +131,7 @@ def capacity_case(spec, factor=0.6):
     b_m = jax.device_put(data, batch_sharding(mesh))
     with jax.set_mesh(mesh):
         l2, s2, g2 = jax.jit(vg)(p_m, b_m)
-    err = {"loss": rel(l2, l1), "grads": max(rel(a, b) for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)))}
+    err = {"loss": rel(l2, l1), "grads": tree_rel(g2, g1)}
     for k in ("ce", "expert_loss", "device_loss", "comm_loss", "dropped_fraction", "rows_per_token"):
         err[k] = rel(s2[k], s1[k])
     assert float(s1["dropped_fraction"]) > 0.01, float(s1["dropped_fraction"])

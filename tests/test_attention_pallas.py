@@ -13,6 +13,7 @@ import numpy as np
 
 from dsv2_jax import init_model, load_config
 from dsv2_jax.train.step import ModelFns, loss_and_stats, params_of
+from compare import rel, tree_rel
 from procenv import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +30,6 @@ def _batch(B=2, T=37, seed=0):
             "loss_mask": jnp.ones((B, T), jnp.int32)}
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def test_pallas_attention_gives_the_xla_logits_and_gradients():
     batch = _batch()
     out = {}
@@ -44,8 +40,8 @@ def test_pallas_attention_gives_the_xla_logits_and_gradients():
         logits = jax.jit(lambda p: fns.model(p)(batch["inputs"], batch["positions"], batch["segment_ids"]))(params)
         grads = jax.jit(jax.grad(lambda p: loss_and_stats(fns, cfg, p, batch)[0]))(params)
         out[impl] = (logits, grads)
-    err_logits = _rel(out["pallas"][0], out["xla"][0])
-    err_grads = max(_rel(a, b) for a, b in zip(jax.tree.leaves(out["pallas"][1]), jax.tree.leaves(out["xla"][1])))
+    err_logits = rel(out["pallas"][0], out["xla"][0])
+    err_grads = tree_rel(out["pallas"][1], out["xla"][1])
     print(f"pallas vs xla: logits {err_logits:.2e}, gradients {err_grads:.2e}")
     assert err_logits <= 1e-5 and err_grads <= 1e-5
 
@@ -53,7 +49,8 @@ def test_pallas_attention_gives_the_xla_logits_and_gradients():
 _MESH = """
 import jax, jax.numpy as jnp, numpy as np, sys
 sys.path.insert(0, "tests")
-from test_attention_pallas import _batch, _rel
+from test_attention_pallas import _batch
+from compare import rel, tree_rel
 from dsv2_jax import init_model, load_config
 from dsv2_jax.sharding.mesh import batch_sharding, make_mesh
 from dsv2_jax.sharding.rules import param_shardings
@@ -67,7 +64,7 @@ l1, g1 = f(params, batch)
 mesh = make_mesh("data=2,tensor=2")
 with jax.set_mesh(mesh):
     l2, g2 = f(jax.device_put(params, param_shardings(model, mesh)), jax.device_put(batch, batch_sharding(mesh)))
-err = max([_rel(l2, l1)] + [_rel(a, b) for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1))])
+err = max(rel(l2, l1), tree_rel(g2, g1))
 assert err <= 1e-5, err
 print("mesh ok", err)
 """

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from compare import rel
+
 from dsv2_jax import init_model, load_config
 
 # The tiny preset (4 layers: 1 dense + 3 MoE, 8 experts in 4 groups) at a larger init scale,
@@ -194,9 +196,6 @@ def test_no_hidden_state(model):
     assert not np.array_equal(np.asarray(other["lm_head"]["kernel"][...]), before["lm_head"]["kernel"])
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 @pytest.mark.parametrize("param_dtype,dtype", [("bfloat16", "bfloat16"), ("float32", "bfloat16"),
@@ -215,7 +214,7 @@ def test_reduced_precision(model, param_dtype, dtype):
     logits, routers = _forward(low, ids)
     ref_logits, ref_routers = _forward(model, ids)
     assert logits.dtype == jnp.float32
-    err = _rel(logits, ref_logits)
+    err = rel(logits, ref_logits)
     print(f"{param_dtype} params, {dtype} compute: logit relative error {err:.2e}")
     assert err < 0.1, err
     # Most routing decisions survive the precision change.

@@ -183,6 +183,24 @@ def test_layer_of_stacks_equals_its_slice(backend, routing, seed):
         assert not np.any(np.delete(np.asarray(a), i, axis=0))
 
 
+def test_boundary_rejects_mismatched_shapes():
+    """A caller's shape error stops at the routed experts' boundary with the shapes named,
+    instead of surfacing as a broadcast error deep inside a backend's loop."""
+    wg, wu, wd = map(jnp.asarray, _weights(0))
+    T, K = 5, 2
+    x = jnp.zeros((T, D), jnp.float32)
+    idx, weight = jnp.zeros((T, K), jnp.int32), jnp.full((T, K), 0.5, jnp.float32)
+    routed_experts(x, idx, weight, wg, wu, wd, "blocked")  # the right shapes pass
+    with pytest.raises(AssertionError, match="shape"):
+        routed_experts(x, idx, weight, wg, wu, jnp.swapaxes(wd, 1, 2), "blocked")  # w_down [E, D, F]
+    with pytest.raises(AssertionError):
+        routed_experts(x[:, :-1], idx, weight, wg, wu, wd, "blocked")  # x's width is not D
+    with pytest.raises(AssertionError):
+        routed_experts(x, idx, weight[:, :1], wg, wu, wd, "blocked")  # weights [T, 1] for K = 2
+    with pytest.raises(AssertionError):
+        routed_experts(x, idx, weight, wg, wu, wd, "blocked", layer=0)  # stacks expected
+
+
 def test_backend_choice_is_one_place():
     cfg = load_config("tiny")
     assert gmm_backend(cfg.replace(moe_backend="ragged_dot")) == "ragged_dot"

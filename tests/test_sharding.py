@@ -120,8 +120,8 @@ from flax import nnx
 from dsv2_jax.model import DeepseekV2ForCausalLM
 ref = params_of(DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(params=0)))
 import numpy as np
-for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+import chex
+chex.assert_trees_all_close(state["params"], ref, rtol=1e-6, atol=1e-9)
 total = sum(a.nbytes for a in jax.tree.leaves(state))
 print("per device", shard_bytes(state), "total", total)
 """

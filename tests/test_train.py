@@ -184,7 +184,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 
 def test_init_from_hf_starts_from_its_weights(tmp_path):
-    import jax
+    import chex
 
     import hf_reference as ref
     from dsv2_jax import from_pretrained
@@ -198,8 +198,7 @@ def test_init_from_hf_starts_from_its_weights(tmp_path):
                     **dict(SMALL, lr=0.0, warmup_steps=0)))
     _, params, _ = load_for_eval(wd)
     want = params_of(from_pretrained(src))
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(params, want)
 
 
 def test_set_applies_on_top_of_init_from(tmp_path):

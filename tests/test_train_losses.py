@@ -3,6 +3,7 @@ reference (hand-written numpy; torch autograd of the HF model)."""
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -260,6 +261,5 @@ def test_fused_adamw_equals_the_optax_chain(clip):
         if bool(finite):
             u, s_ref = ref.update(g, s_ref, p_ref)
             p_ref = optax.apply_updates(p_ref, u)
-        for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=str(i))
+        chex.assert_trees_all_close(p_ours, p_ref, rtol=1e-6, atol=1e-7, custom_message=f"update {i}")
     assert int(s_ours["count"]) == 5  # the non-finite step applied nothing

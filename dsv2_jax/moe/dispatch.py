@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -96,8 +97,10 @@ def shard_forward(x, valid, router_kernel, w_gate, w_up, w_down, spec: ShardSpec
     `layer` (one shard, no expert axis), a segment's stacks of them and the layer's index.
     Returns (y [T, D] routed output, RouterOutput of the shard)."""
     cfg = spec.cfg
-    T = x.shape[0]
+    T, D = x.shape
     E = cfg.n_routed_experts
+    chex.assert_shape(valid, (T,))
+    chex.assert_shape(router_kernel, (D, E))
     logits, scores = router_scores(x, router_kernel)
     idx, weight = select_experts(scores, cfg, train=spec.train)
     counts = _psum(expert_counts(idx, valid, E), spec.token_axes)
@@ -161,10 +164,13 @@ def _expert_parallel(x, idx, weight, kept, rank, buffer: int, w_gate, w_up, w_do
     send_ids = pad_ids[slot_token, d_idx]  # [ep, C, k]
     send_w = pad_w[slot_token, d_idx]
     counts = jnp.sum(slot_token < T, axis=1).astype(jnp.int32)  # [ep] rows to each device
+    chex.assert_shape(send_x, (ep, C, D))
+    chex.assert_shape([send_ids, send_w], (ep, C, k))
     if spec.flavor == "ragged":
         out = _ragged_exchange(send_x, send_ids, send_w, counts, w_gate, w_up, w_down, spec)
     else:
         out = _fixed_exchange(send_x, send_ids, send_w, w_gate, w_up, w_down, spec)
+    chex.assert_shape(out, (ep, C, D))
     # out [ep, C, D]: the result of slot (d, c); every token sums its slots.
     y = jnp.zeros((T + 1, D), jnp.float32).at[slot_token.reshape(-1)].add(
         out.reshape(ep * C, D).astype(jnp.float32))[:T]

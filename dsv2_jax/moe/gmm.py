@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -343,10 +344,25 @@ def _combine(ys, order, pos, topk_weight, dtype):
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), topk_weight).astype(dtype)
 
 
+def assert_expert_args(x, topk_idx, topk_weight, w_gate, w_up, w_down, layer=None, keep=None):
+    """The routed experts' boundary, checked at trace time: x [T, D], topk_idx / topk_weight
+    (/ keep) [T, K]; w_gate / w_up [E, D, F] and w_down [E, F, D], or with `layer` a
+    segment's stacks [L, E, D, F] / [L, E, F, D] (F may be a tensor-parallel slice)."""
+    chex.assert_rank([x, topk_idx, topk_weight], 2)
+    chex.assert_equal_shape([topk_idx, topk_weight] + ([] if keep is None else [keep]))
+    chex.assert_equal_shape_prefix([x, topk_idx], 1)
+    chex.assert_rank([w_gate, w_up, w_down], 3 if layer is None else 4)
+    chex.assert_equal_shape([w_gate, w_up])
+    *lead, D, F = w_gate.shape
+    chex.assert_shape(w_down, (*lead, F, D))
+    chex.assert_axis_dimension(x, 1, D)
+
+
 def routed_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend: str, keep=None, layer=None):
     """Routed-expert output: x [T, D], topk_idx/weight [T, K] -> [T, D]. Dropless unless
     `keep` [T, K] marks assignments removed by token dropping (they are not computed; ids
     >= E are treated the same way). With `layer`, w_* are a segment's stacks (`expert_ffn`)."""
+    assert_expert_args(x, topk_idx, topk_weight, w_gate, w_up, w_down, layer, keep)
     K = topk_idx.shape[1]
     E = w_gate.shape[0 if layer is None else 1]
     order, pos, group_sizes = _by_expert(topk_idx, E, keep)
@@ -359,6 +375,7 @@ def routed_experts_stacked(x, topk_idx, topk_weight, w_gate, w_up, w_down, layer
     of a segment's stacks w_gate / w_up [L, E, D, F], w_down [L, E, F, D], each chosen expert
     read once (decode's cost is reading the weights). window: rows per window (default
     `decode_window_rows` of the tokens)."""
+    assert_expert_args(x, topk_idx, topk_weight, w_gate, w_up, w_down, layer)
     K = topk_idx.shape[1]
     order, pos, group_sizes = _by_expert(topk_idx, w_gate.shape[1])
     b = window or decode_window_rows(x.shape[0])
