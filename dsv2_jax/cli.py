@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules contributing subcommands, in --help order.
@@ -50,8 +51,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as e:
-        # Bad input (configs, data specs, checkpoints, flags): one line, no traceback.
+    except (UserError, ValueError, OSError) as e:
+        # Bad input (configs, data specs, checkpoints, flags) and the file system's refusals
+        # (a directory where a file belongs, permissions, a full disk): one line, no
+        # traceback, unless DSV2_DEBUG asks for it.
+        if os.environ.get("DSV2_DEBUG"):
+            raise
         print(f"dsv2: error: {e}", file=sys.stderr)
         return 1
 

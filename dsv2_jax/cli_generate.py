@@ -9,7 +9,9 @@ steps would print in bursts of k and cost a dispatch (and a cache round trip) pe
 Tokenizer, in order: DIR/tokenizer.json; for a training workdir, the tokenizer its run.json
 data spec names (`tokenizer=PATH`, or byte-level for `stdlib` / `tokenizer=bytes`); byte-level
 for any model with vocab_size 256 (what the built-in corpus trains: token = UTF-8 byte). With
-none, `--prompt` is refused and the output is printed as ids.
+none, `--prompt` is refused and the output is printed as ids. A `--prompt` starts with the
+config's bos_token_id where DIR/tokenizer_config.json says `"add_bos_token": true` (as the
+DeepSeek-V2 releases do and HF tokenizers honour); `--ids` are used exactly as given.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def add_cli(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens "
                    "whose probability reaches p, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--eos-id", type=int, default=None, help="stop token (default: the config's eos_token_id)")
+    p.add_argument("--eos-id", type=int, default=None,
+                   help="stop token (default: the config's eos_token_id, every one of a list)")
     p.add_argument("--cache-dtype", default=None, choices=CACHE_KINDS,
                    help="latent cache storage (default: the compute dtype)")
     p.set_defaults(func=run)
@@ -109,11 +112,23 @@ def load_tokenizer(model_dir: str, vocab_size: int):
 
 
 def _parse_ids(text: str) -> list[int]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = [p.strip() for p in text.split(",")]
+    if parts == [""]:
+        return []
     try:
         return [int(p) for p in parts]
     except ValueError:
         raise ValueError(f"--ids {text!r}: expected comma-separated integers like 1,2,3") from None
+
+
+def adds_bos(model_dir: str) -> bool:
+    """Whether text prompts start with BOS: tokenizer_config.json's `add_bos_token` (HF's
+    convention; absent or unreadable: no)."""
+    try:
+        with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
+            return json.load(f).get("add_bos_token") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def run(a) -> int:
@@ -121,6 +136,7 @@ def run(a) -> int:
     if a.prompt is not None and not a.prompt:
         raise ValueError("empty prompt: give --prompt TEXT with at least one character")
     ids = _parse_ids(a.ids) if a.ids is not None else None
+    echo_from = 0  # the prompt's first id the echo shows (1: past an added BOS)
     if ids is not None and not ids:
         raise ValueError("empty prompt: --ids needs at least one token id")
     if not a.temperature >= 0:
@@ -134,8 +150,10 @@ def run(a) -> int:
     if not os.path.isdir(a.model):
         raise FileNotFoundError(f"--model {a.model!r}: no such directory")
 
+    import numpy as np
+
     from dsv2_jax import from_pretrained
-    from dsv2_jax.generation import generate
+    from dsv2_jax.generation import check_inputs, generate
 
     model = from_pretrained(a.model)
     cfg = model.cfg
@@ -147,12 +165,15 @@ def run(a) -> int:
         ids = tok.encode(a.prompt)
         if not ids:
             raise ValueError("empty prompt: the text encodes to no tokens")
-    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
-    if bad:  # before anything is printed: the echo would decode them
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        bos = cfg.bos_token_id
+        if bos is not None and adds_bos(a.model) and ids[0] != bos:
+            ids, echo_from = [bos] + ids, 1  # the echo shows the text, not the BOS
     eos = a.eos_id
-    if eos is None and cfg.eos_token_id is not None and 0 <= cfg.eos_token_id < cfg.vocab_size:
-        eos = cfg.eos_token_id
+    if eos is None:
+        eos = [e for e in cfg.eos_token_ids if 0 <= e < cfg.vocab_size] or None
+    # Every argument checked before anything is printed (the echo would decode bad ids).
+    check_inputs(cfg, np.asarray([ids]), np.asarray([len(ids)]), a.max_new_tokens, a.temperature,
+                 a.top_k, a.top_p, eos)
 
     out = sys.stdout
     if tok is None:
@@ -160,7 +181,7 @@ def run(a) -> int:
         show = lambda new: " " + " ".join(map(str, new))
     else:
         show = tok.stream_decoder()
-        out.write(show(ids))
+        out.write(show(ids[echo_from:]))
     out.flush()
 
     def on_token(step, tokens, done):

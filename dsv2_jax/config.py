@@ -24,6 +24,10 @@ _TOPK_METHODS = ("greedy", "group_limited_greedy")
 _ROPE_TYPES = ("default", "yarn")
 _DTYPES = ("float32", "bfloat16", "float16")
 # Field annotation -> (accepted Python types, None allowed), for the type check in validate.
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 _FIELD_TYPES = {
     "int": ((int,), False), "int|None": ((int,), True), "float": ((int, float), False),
     "float|None": ((int, float), True), "bool": ((bool,), False), "str": ((str,), False),
@@ -66,7 +70,8 @@ class DeepseekV2Config:
     rms_norm_eps: float = 1e-6
     pad_token_id: int | None = None
     bos_token_id: int | None = 100000
-    eos_token_id: int | None = 100001
+    # One stop id, or several (HF writes a list; kept as a tuple so that configs hash).
+    eos_token_id: int | tuple[int, ...] | None = 100001
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     # Official form: None or {"type": "yarn", "factor", "original_max_position_embeddings",
@@ -107,6 +112,8 @@ class DeepseekV2Config:
         # Normalise a few spellings so that equal configs compare (and hash) equal.
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.topk_method == "gready":  # the official code's default is spelled so
             object.__setattr__(self, "topk_method", "greedy")
         if self.rope_scaling is not None:
@@ -126,6 +133,12 @@ class DeepseekV2Config:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every stop id of the config (none: empty)."""
+        e = self.eos_token_id
+        return () if e is None else (e,) if isinstance(e, int) else tuple(e)
 
     @property
     def rope_type(self) -> str:
@@ -189,6 +202,9 @@ class DeepseekV2Config:
             if not isinstance(v, types):
                 bad(f.name, f"expected {f.type}, got {type(v).__name__} {v!r}")
 
+        eos = self.eos_token_id
+        if eos is not None and not (_is_int(eos) or (isinstance(eos, tuple) and eos and all(map(_is_int, eos)))):
+            bad("eos_token_id", f"expected null, an integer or a non-empty list of integers, got {eos!r}")
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim",
                   "moe_layer_freq"):
@@ -301,6 +317,12 @@ class DeepseekV2Config:
             path = os.fspath(src)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
+            if not os.path.exists(path):
+                parent = os.path.dirname(path) or "."
+                if os.path.basename(path) != "config.json":
+                    raise FileNotFoundError(f"{path}: no such file or directory")
+                if not os.path.isdir(parent):
+                    raise FileNotFoundError(f"{parent}: no such directory")
             try:
                 with open(path) as f:
                     raw = json.load(f)
@@ -325,8 +347,6 @@ class DeepseekV2Config:
             kw["rope_scaling"] = rp
         elif raw.get("rope_scaling"):
             kw["rope_scaling"] = dict(raw["rope_scaling"])
-        if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = kw["eos_token_id"][0]
         extras = raw.get("dsv2_jax", {}) or {}
         kw.update({k: v for k, v in extras.items() if k not in hf_names})
         kw.update(overrides)
@@ -341,6 +361,8 @@ class DeepseekV2Config:
         out: dict[str, Any] = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2"}
         for k in self.hf_field_names():
             out[k] = d[k]
+        if isinstance(out["eos_token_id"], tuple):
+            out["eos_token_id"] = list(out["eos_token_id"])
         if out["rope_scaling"] is not None:
             out["rope_scaling"] = dict(out["rope_scaling"])
         out["torch_dtype"] = self.param_dtype

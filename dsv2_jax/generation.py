@@ -20,8 +20,9 @@ Conventions:
   * the result is [B, T + n] int32, n = max_new_tokens unless every row stopped earlier (then
     n is the step the last row stopped at, as HF `generate` trims). Row b is its prompt, then
     its new tokens right after position prompt_lengths[b] - 1, then padding;
-  * a row stops after it emits `eos_id` (None: never stops early); every position after it,
-    and after its end, is `pad_id`, which defaults to eos_id, else cfg.pad_token_id, else 0.
+  * a row stops after it emits `eos_id` (one id or several; None: never stops early); every
+    position after it, and after its end, is `pad_id`, which defaults to the (first) eos_id,
+    else cfg.pad_token_id, else 0.
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ def sample_logits(logits, key, temperature, top_k, top_p, *, greedy: bool, filte
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     V = logits.shape[-1]
-    logits = logits / jnp.asarray(temperature, jnp.float32)
+    # Shifted so that the largest is 0 before dividing: a tiny temperature then sends the
+    # others to -inf rather than every logit to +-inf (the same distribution otherwise). A
+    # subnormal temperature would flush to 0 (0 / 0 for the largest): the smallest normal
+    # float stands in for it.
+    t = jnp.maximum(jnp.asarray(temperature, jnp.float32), jnp.finfo(jnp.float32).tiny)
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / t
     if filtered:
         desc = -jnp.sort(-logits, axis=-1)  # [B,V]
         keep = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)  # how many of the largest survive
@@ -99,8 +105,9 @@ def _emit(step, tokens, done):
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "kind", "mode", "stream"))
 def _generate_jit(graphdef, state, ids, lengths, max_new, temperature, top_k, top_p, seed, eos, pad,
                   *, max_len: int, kind: str, mode: tuple, stream: bool):
-    """ids [B, Tb] int32 (padding replaced by valid ids), lengths [B] -> (out [B, max_len]
-    int32, n: the number of decode steps run, i.e. new tokens of the longest row)."""
+    """ids [B, Tb] int32 (padding replaced by valid ids), lengths [B], eos [S] stop ids (-1:
+    none) -> (out [B, max_len] int32, n: the number of decode steps run, i.e. new tokens of
+    the longest row)."""
     model = nnx.merge(graphdef, state)
     B, Tb = ids.shape
     greedy, filtered = mode
@@ -117,9 +124,10 @@ def _generate_jit(graphdef, state, ids, lengths, max_new, temperature, top_k, to
     prompt = jnp.pad(ids, ((0, 0), (0, max_len - Tb)))
     out = jnp.where(jnp.arange(max_len)[None, :] < lengths[:, None], prompt, pad)
     out = out.at[rows, lengths].set(tok)
-    done = tok == eos  # eos < 0 when there is none
-    if stream:
-        jax.debug.callback(_emit, 0, tok, done, ordered=True)
+    stops = lambda t: jnp.any(t[:, None] == eos[None, :], axis=-1)  # [B]
+    if stream:  # no row had stopped before the first token
+        jax.debug.callback(_emit, 0, tok, jnp.zeros((B,), bool), ordered=True)
+    done = stops(tok)
 
     def cond(carry):
         i, _, done, _, _ = carry
@@ -132,7 +140,7 @@ def _generate_jit(graphdef, state, ids, lengths, max_new, temperature, top_k, to
         out = out.at[rows, lengths + i].set(nxt)
         if stream:
             jax.debug.callback(_emit, i, nxt, done, ordered=True)
-        return i + 1, nxt, done | (nxt == eos), cache, out
+        return i + 1, nxt, done | stops(nxt), cache, out
 
     n, _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, done, cache, out))
     return out, n
@@ -142,7 +150,19 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _check_inputs(cfg, ids, lengths, max_new_tokens, temperature, top_k, top_p, eos_id):
+def _eos_ids(eos_id) -> tuple[int, ...]:
+    """`eos_id` (None, one id, or several) as a tuple of ids."""
+    if eos_id is None:
+        return ()
+    ids = (eos_id,) if np.ndim(eos_id) == 0 else tuple(np.asarray(eos_id).reshape(-1).tolist())
+    if not ids or not all(_is_int(i) for i in ids):
+        raise ValueError(f"eos_id must be None, a token id or a non-empty list of them, got {eos_id!r}")
+    return tuple(int(i) for i in ids)
+
+
+def check_inputs(cfg, ids, lengths, max_new_tokens, temperature, top_k, top_p, eos_id):
+    """Raises ValueError for arguments `generate` cannot run (what it checks first; callers
+    that print before generating check with it first too)."""
     if ids.ndim != 2:
         raise ValueError(f"prompt_ids must be [batch, seq], got shape {ids.shape}")
     B, T = ids.shape
@@ -172,12 +192,13 @@ def _check_inputs(cfg, ids, lengths, max_new_tokens, temperature, top_k, top_p, 
         raise ValueError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    for e in _eos_ids(eos_id):
+        if not 0 <= e < cfg.vocab_size:
+            raise ValueError(f"eos_id {e} is outside the vocabulary [0, {cfg.vocab_size})")
 
 
 def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, prompt_lengths=None,
+             top_p: float = 1.0, seed: int = 0, eos_id=None, prompt_lengths=None,
              pad_id: int | None = None, cache_dtype: str | None = None, on_token=None) -> np.ndarray:
     """Continues each prompt by up to max_new_tokens tokens -> [B, T + n] int32 (see the
     module docstring for the layout, padding and stopping).
@@ -198,10 +219,11 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
     B, T = ids.shape if ids.ndim == 2 else (0, 0)
     lengths = np.full((B,), T, np.int64) if prompt_lengths is None else np.asarray(prompt_lengths).reshape(-1)
     temperature, top_p = float(temperature), float(top_p)
-    _check_inputs(cfg, ids, lengths, max_new_tokens, temperature, top_k, top_p, eos_id)
+    check_inputs(cfg, ids, lengths, max_new_tokens, temperature, top_k, top_p, eos_id)
+    eos = _eos_ids(eos_id)
     kind = resolve_kind(cfg, cache_dtype)
     if pad_id is None:
-        pad_id = eos_id if eos_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+        pad_id = eos[0] if eos else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
 
     Tb = bucket(T)
     # Cache lengths are multiples of 64: the Pallas decode kernel's block (others cost it a
@@ -216,7 +238,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
     args = (graphdef, state, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32),
             jnp.int32(max_new_tokens), jnp.float32(temperature if not greedy else 1.0),
             jnp.int32(top_k), jnp.float32(top_p), jnp.uint32(seed % 2**32),
-            jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id))
+            jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_id))
     kw = dict(max_len=max_len, kind=kind, mode=mode, stream=on_token is not None)
     global _listener
     if on_token is None:

@@ -56,7 +56,14 @@ def test_reads_official_form():
     assert (cfg.aux_loss_alpha, cfg.seq_aux, cfg.moe_layer_freq) == (0.003, False, 2)
     assert (cfg.topk_method, cfg.n_group, cfg.topk_group) == ("group_limited_greedy", 4, 2)
     assert cfg.scoring_func == "softmax"
-    assert cfg.eos_token_id == 7  # a list of stop ids keeps the first
+    assert cfg.eos_token_id == (7, 8) and cfg.eos_token_ids == (7, 8)  # every stop id kept
+    assert cfg.to_hf_dict()["eos_token_id"] == [7, 8]  # and written back as a list
+    assert hash(cfg) == hash(DeepseekV2Config.from_hf(_official_dict()))
+    assert DeepseekV2Config.from_hf(_official_dict(eos_token_id=3)).eos_token_ids == (3,)
+    assert DeepseekV2Config.from_hf(_official_dict(eos_token_id=None)).eos_token_ids == ()
+    for bad in ([], ["7"], 7.5, [True]):
+        with pytest.raises(ValueError, match="eos_token_id"):
+            DeepseekV2Config.from_hf(_official_dict(eos_token_id=bad))
 
 
 def test_reads_transformers5_form_as_written_by_transformers(tmp_path):

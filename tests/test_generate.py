@@ -4,6 +4,7 @@ Greedy tokens are compared with HF `generate` on tiny models built in-process (f
 off on both sides); decode-step logits with the model's own full-sequence forward."""
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -107,6 +108,39 @@ def test_eos_stops_rows_independently(hf_models):
         end = T + min(stop[b] + 1, NEW)
         np.testing.assert_array_equal(out[b, :end], free[b, :end])
         assert (out[b, end:] == eos).all()  # padded with eos_id after it
+
+
+def test_several_eos_ids_each_stop_and_streaming_reports_stops(hf_models):
+    """eos_id as a list stops a row at whichever comes first (a config.json may name several);
+    on_token's `done` marks rows that stopped before the step, never the step's own token."""
+    _, model = hf_models["lite"]
+    ids = prompts(10, (B, T))
+    free = dsv2_jax.generate(model, ids, NEW)
+    a, b = int(free[0, T + 2]), int(free[1, T])  # row 0's third new token, row 1's first
+    out = dsv2_jax.generate(model, ids, NEW, eos_id=[a, b])
+    for r in range(B):
+        new = free[r, T:]
+        hits = np.flatnonzero((new == a) | (new == b))
+        end = T + (hits[0] + 1 if hits.size else NEW)
+        np.testing.assert_array_equal(out[r, :end], free[r, :end])
+        assert (out[r, end:] == a).all()  # padded with the first stop id
+    seen = []
+    dsv2_jax.generate(model, ids, NEW, eos_id=b, on_token=lambda s, t, d: seen.append((s, t.copy(), d.copy())))
+    assert seen[0][0] == 0 and seen[0][1][1] == b and not seen[0][2].any()  # its own stop token
+    assert seen[1][2][1]  # then row 1 has stopped
+    with pytest.raises(ValueError, match="eos_id"):
+        dsv2_jax.generate(model, ids, NEW, eos_id=[])
+
+
+def test_tiny_temperature_samples_the_argmax():
+    """logits / temperature overflows float32 for temperatures near 0; the sample must still
+    be the largest logit, not the first of many infinities."""
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(4, 50)) * 3, jnp.float32)
+    want = np.asarray(jnp.argmax(logits, axis=-1))
+    for t in (1e-30, 1e-39, 1e-45):
+        for filtered in (False, True):
+            got = sample_logits(logits, jax.random.key(1), t, 0, 1.0, greedy=False, filtered=filtered)
+            np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_new_prompt_length_in_the_same_bucket_does_not_recompile(hf_models):
@@ -476,6 +510,8 @@ def test_cli_generate_uses_the_directory_tokenizer_json(hf_models, tmp_path, cap
     (["--ids", "1,2", "--top-p", "1.01"], "--top-p"),
     (["--ids", "1,2", "--temperature", "-1"], "--temperature"),
     (["--ids", "1,x"], "--ids"),
+    (["--ids", "1,,2"], "--ids"),
+    (["--ids", "1,2", "--eos-id", "500"], "eos_id 500"),
 ])
 def test_cli_errors_are_one_line(workdir, capsys, args, msg):
     rc = cli_main(["generate", "--model", workdir, *args])
@@ -483,6 +519,40 @@ def test_cli_errors_are_one_line(workdir, capsys, args, msg):
     assert rc == 1
     lines = cap.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dsv2: error:") and msg in lines[0], cap.err
+    assert cap.out == ""  # refused before the prompt is echoed
+
+
+def test_cli_prompt_starts_with_bos_where_the_tokenizer_config_says(hf_models, tmp_path, capsys):
+    """HF's convention: tokenizer_config.json's add_bos_token puts the config's BOS before a
+    text prompt (as the DeepSeek-V2 releases' tokenizers do); without it the text alone."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf, _ = hf_models["lite"]
+    path = ref.save(hf, str(tmp_path / "hf"))
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    json.dump(dict(cfg, bos_token_id=9), open(os.path.join(path, "config.json"), "w"))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(path, "tokenizer.json"))
+    for add, prompt in ((None, [5, 17]), (False, [5, 17]), (True, [9, 5, 17])):
+        if add is not None:
+            json.dump({"add_bos_token": add}, open(os.path.join(path, "tokenizer_config.json"), "w"))
+        assert cli_main(["generate", "--model", path, "--prompt", "w5 w17", "--max-new-tokens", "3"]) == 0
+        out = capsys.readouterr().out.split()
+        want = hf_greedy(hf, [prompt], 3)[0][len(prompt) - 2:]  # the echo starts at the text
+        assert out == [f"w{i}" for i in want], add
+
+
+def test_cli_refuses_a_directory_where_a_shard_belongs_in_one_line(hf_models, tmp_path, capsys):
+    hf, _ = hf_models["lite"]
+    path = ref.save(hf, str(tmp_path / "hf"))
+    shard = os.path.join(path, "model.safetensors")
+    os.remove(shard)
+    os.mkdir(shard)
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", path, "--ids", "1,2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsv2: error:"), err
 
 
 def test_cli_error_has_no_traceback_in_a_real_process(workdir):
