@@ -142,11 +142,44 @@ def test_dtype_flag_casts_and_records(v2_bf16, v2_orbax, tmp_path):
     assert r.dtype(("embed_tokens", "weight")) == np.float32
     assert _cli(tmp_path / "ob32", tmp_path / "back", "--to", "hf", "--no-progress") == 0
     assert _mismatches(src, tmp_path / "back") == []
+    # config.json's torch_dtype names the tensors written, not the Orbax source's float32.
+    assert json.load(open(tmp_path / "back" / "config.json"))["torch_dtype"] == "bfloat16"
     assert _cli(v2_orbax, tmp_path / "f32", "--to", "hf", "--dtype", "float32", "--no-progress") == 0
+    assert json.load(open(tmp_path / "f32" / "config.json"))["torch_dtype"] == "float32"
     a, b = SafetensorsDir(src), SafetensorsDir(str(tmp_path / "f32"))
     for n in a.keys():
         assert b.dtype_name(n) == "F32"
         np.testing.assert_array_equal(b.get(n), a.get(n).astype(np.float32))
+
+
+def test_both_forms_of_a_checkpoint_compute_alike(v2_bf16, v2_orbax):
+    """A bf16 HF checkpoint and its Orbax form load with the same parameter and compute
+    dtypes, so they give the same logits bit for bit (the Orbax form once computed in
+    float32 while the HF directory computed in bfloat16)."""
+    src, _ = v2_bf16
+    ids = _ids(ref.V2["vocab_size"]).astype(np.int32)
+    a, b = from_pretrained(src), from_pretrained(v2_orbax)
+    assert (a.cfg.param_dtype, a.cfg.dtype) == (b.cfg.param_dtype, b.cfg.dtype) == ("bfloat16", "bfloat16")
+    np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))
+
+
+def test_config_keys_not_the_models_travel_through_conversions(lite, tmp_path):
+    """auto_map, a list of stop ids and other keys of the source's config.json reach the
+    exported config.json through the Orbax form; quantization_config (describing tensors
+    that were dequantised) and the writer's own keys do not."""
+    path = os.path.join(lite, "config.json")
+    raw = json.load(open(path))
+    raw.update(auto_map={"AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM"},
+               eos_token_id=[5, 6], use_cache=True, transformers_version="0.0-test",
+               quantization_config={"quant_method": "made-up"})
+    json.dump(raw, open(path, "w"))
+    assert _cli(lite, tmp_path / "ob", "--to", "orbax", "--no-progress") == 0
+    assert _cli(tmp_path / "ob", tmp_path / "back", "--to", "hf", "--no-progress") == 0
+    out = json.load(open(tmp_path / "back" / "config.json"))
+    assert out["auto_map"] == raw["auto_map"] and out["use_cache"] is True
+    assert out["eos_token_id"] == [5, 6]
+    assert "quantization_config" not in out and out.get("transformers_version") != "0.0-test"
+    assert _mismatches(lite, tmp_path / "back") == []
 
 
 def test_refuses_a_silent_narrowing(tmp_path):

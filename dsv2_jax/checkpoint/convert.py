@@ -74,12 +74,27 @@ def _read_config(path: str):
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
+# config.json keys of an HF source that are not the model's and travel unchanged to an HF
+# destination (e.g. `auto_map`, `use_cache`), except these: what the destination's own
+# tensors and writer decide, and what would describe tensors that are no longer there.
+_NOT_CARRIED = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
+                "quantization_config", "rope_parameters", "dsv2_jax", "_name_or_path"}
+
+
+def _config_extras(raw: dict) -> dict:
+    from dsv2_jax.config import DeepseekV2Config
+
+    ours = set(DeepseekV2Config.hf_field_names())
+    return {k: v for k, v in raw.items() if k not in ours and k not in _NOT_CARRIED}
+
+
 class HFSource:
     kind = "hf"
 
     def __init__(self, path: str):
         self.path = path
         self.cfg, raw = _read_config(path)
+        self.config_extras = _config_extras(raw)
         self.st = SafetensorsDir(path)
         self.block = fp8_lib.block_size(raw)
         has_fp8 = any(fp8_lib.is_fp8(self.st.dtype_name(n)) or n.endswith(fp8_lib.SCALE_SUFFIX)
@@ -133,6 +148,7 @@ class OrbaxSource:
         self.dir, self.prefix = orbax_io.params_location(path)
         self.reader = orbax_io.OrbaxParams(self.dir, self.prefix)
         self.meta = orbax_io.read_meta(path)
+        self.config_extras = self.meta.get("hf_config_extras") or {}
         hf = self.meta.get("hf_dtypes") or {}
         self._hf_default = hf.get("default")
         self._hf_except = hf.get("tensors") or {}
@@ -277,10 +293,19 @@ def _write_hf(tmp: str, cfg, entries, targets: dict, src, progress, shard_bytes:
             total += int(np.prod(e.shape, dtype=np.int64)) * DTYPES[targets[e.hf_name]].itemsize
     with open(os.path.join(tmp, SafetensorsDir.INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    d = cfg.to_hf_dict()
-    d["torch_dtype"] = cfg.param_dtype  # to_hf_dict knows only bfloat16 / float32
+    d = {**src.config_extras, **cfg.to_hf_dict()}
+    d["torch_dtype"] = written_dtype(entries, targets)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(d, f, indent=2, sort_keys=True)
+
+
+def written_dtype(entries, targets: dict) -> str:
+    """The dtype most of the written bytes have, as config.json's `torch_dtype` names it."""
+    by: dict[str, int] = {}
+    for e in entries:
+        t = targets[e.hf_name]
+        by[t] = by.get(t, 0) + int(np.prod(e.shape, dtype=np.int64)) * DTYPES[t].itemsize
+    return PARAM_DTYPES.get(max(by, key=by.get), "float32")
 
 
 def _copy_aux_files(src: str, dst: str) -> list[str]:
@@ -385,6 +410,11 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
     source = open_source(src)
     pdt = dtype or source.default_param_dtype()
     cfg = source.cfg.replace(param_dtype=pdt)
+    if source.kind == "hf" or dtype is not None:
+        # The loaders' rule, so that both forms of one checkpoint compute alike: an HF
+        # checkpoint, or one cast by --dtype, computes in its parameters' dtype (an Orbax
+        # source otherwise keeps its own pair, e.g. float32 master weights, bfloat16 compute).
+        cfg = cfg.replace(dtype=pdt)
     _, abs_state = nnx.split(abstract_model(cfg))
     abs_flat = _flat(abs_state)
     entries = param_map(cfg, abs_state)
@@ -430,7 +460,7 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
             originals = {e.hf_name: source.original_dtype(e) for e in entries}
             default = max(set(originals.values()), key=list(originals.values()).count)
             meta = {"format": "dsv2_jax orbax params", "version": 1, "source": src,
-                    "source_format": source.kind,
+                    "source_format": source.kind, "hf_config_extras": source.config_extras,
                     "hf_dtypes": {"default": default,
                                   "tensors": {k: v for k, v in originals.items() if v != default}}}
             if getattr(source, "fp8", None):
@@ -450,7 +480,7 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
     seconds = time.perf_counter() - t0
     return {"tensors": len(entries), "bytes": total_bytes, "seconds": seconds,
             "mb_per_s": total_bytes / 1e6 / max(seconds, 1e-9), "src_format": source.kind,
-            "param_dtype": pdt}
+            "param_dtype": pdt if to == "orbax" else written_dtype(entries, targets)}
 
 
 # --------------------------------------------------------------------------------------------

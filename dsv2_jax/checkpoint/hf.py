@@ -234,8 +234,12 @@ def from_pretrained(path, dtype=None, compute_dtype=None, mesh=None, rules=None,
     config.json), a dsv2 Orbax checkpoint or a training workdir into a
     `DeepseekV2ForCausalLM`.
 
-    dtype: parameter dtype (default: the checkpoint's); the router stays float32.
-    compute_dtype: activation dtype (default: the parameter dtype).
+    dtype: parameter dtype (default: the dtype most of the checkpoint's bytes are stored in);
+    the router stays float32. Every other tensor is cast to it, as transformers does: a
+    float32 tensor in a mostly-bfloat16 checkpoint is rounded (pass dtype="float32" to keep
+    every value; `dsv2 convert` refuses such a cast unless --dtype asks for it).
+    compute_dtype: activation dtype (default: the parameter dtype; an Orbax checkpoint's
+    config.json may name its own pair, e.g. float32 weights computing in bfloat16).
     mesh: place every parameter straight onto its sharding under this mesh (the rules table
     of `dsv2_jax.sharding.rules`, or `rules`): each process reads only the parts of tensors
     its devices hold. Default: everything on the first device.
