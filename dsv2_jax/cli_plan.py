@@ -12,7 +12,7 @@ def add_cli(sub) -> None:
                     "the config's remat), the backward's working set and the expert-dispatch "
                     "buffers; bytes sent per step over each mesh axis; whether it fits, and "
                     "if not what would help. See docs/scaling.md.")
-    p.add_argument("--config", required=True, help="preset (tiny, v2-lite, v2) or config.json path")
+    p.add_argument("--config", required=True, help="preset (tiny, bench, v2-lite, v2) or config.json path")
     p.add_argument("--mesh", required=True,
                    help="mesh axes, e.g. fsdp=16,expert=8; the device count is their product")
     p.add_argument("--devices", type=int, default=None,

@@ -89,7 +89,7 @@ def test_a_changed_schedule_is_said_recorded_and_followed(tmp_path):
     logs = []
     train(TrainArgs(workdir=wd, steps=4, lr=1e-3, schedule="constant", **small), log=logs.append)
     line = [s for s in logs if "schedule changed" in s]
-    assert line == ["learning-rate schedule changed from step 2: --steps 2 -> 4, --lr 0.003 -> 0.001, "
+    assert line == ["schedule changed from step 2: --steps 2 -> 4, --lr 0.003 -> 0.001, "
                     "--schedule cosine -> constant"], logs
     run = json.load(open(os.path.join(wd, "run.json")))
     assert run["history"] == [{"step": 2, "changes": {"steps": {"old": 2, "new": 4},

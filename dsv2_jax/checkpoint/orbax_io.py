@@ -311,6 +311,16 @@ class OrbaxParams:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of the innermost error behind `e`: Orbax wraps TensorStore's precise
+    reason (which file, which parameter, what is wrong) in a generic message whose first
+    line names neither."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = e.__cause__ or e.__context__
+        if inner is None:
+            break
+        e = inner
     s = str(e).strip().splitlines()
     return s[0] if s else type(e).__name__
 
@@ -446,5 +456,37 @@ def load_model(path, dtype=None, compute_dtype=None, mesh=None, rules=None, **ov
     abs_state = nnx.from_flat_state([
         (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[tuple(p)])))
         for p, v in nnx.to_flat_state(abs_state)])
-    directory, prefix = params_location(path)
-    return nnx.merge(graphdef, restore_params(directory, abs_state, prefix))
+    if is_training_workdir(path):
+        return nnx.merge(graphdef, _newest_good_params(path, abs_state))
+    return nnx.merge(graphdef, restore_params(params_dir(path), abs_state))
+
+
+def _newest_good_params(workdir: str, abs_state):
+    """The parameters of a training workdir's newest checkpoint that restores, skipping
+    damaged ones with a warning (as `dsv2 train` falls back on resume; it also moves them
+    aside, which loading for use does not)."""
+    import warnings
+
+    from dsv2_jax.train.checkpointing import is_damage
+
+    ckdir = os.path.join(workdir, "checkpoints")
+    steps = sorted((int(s) for s in os.listdir(ckdir) if s.isdigit()), reverse=True)
+    skipped = []
+    for step in steps:
+        d = os.path.join(ckdir, str(step), "state")
+        if not os.path.exists(os.path.join(d, "_METADATA")):
+            continue  # not a complete save
+        try:
+            params = restore_params(d, abs_state, TRAIN_PARAMS_PREFIX)
+        except CheckpointError as e:
+            if not is_damage(e):
+                raise
+            skipped.append(f"step {step}: {e}")
+            continue
+        if skipped:
+            warnings.warn(f"{workdir}: loaded checkpoint step {step}; newer ones are damaged ("
+                          + "; ".join(skipped) + ")", stacklevel=3)
+        return params
+    if skipped:
+        raise CheckpointError(f"{ckdir}: no checkpoint restores (" + "; ".join(skipped) + ")")
+    raise CheckpointError(f"{ckdir}: no complete training checkpoint")

@@ -62,6 +62,22 @@ def checkpoint_steps(directory: str) -> list[int]:
                   if s.isdigit() and os.path.isdir(os.path.join(directory, s)))
 
 
+def unreadable(directory: str, step: int) -> str | None:
+    """Why checkpoint `step` under `directory` cannot be opened, or None: every array of its
+    training state is opened (tree metadata and array metadata; no array data is read), which
+    finds missing or undecodable files in seconds where a restore would read everything. A
+    chunk damaged inside a data file is only found by reading it."""
+    from dsv2_jax.checkpoint import CheckpointError, orbax_io
+
+    try:
+        reader = orbax_io.OrbaxParams(os.path.join(directory, str(step), "state"))
+        for key in list(reader.names):
+            reader.store(key)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
 def _quiet_orphaned_reads() -> None:
     """After a failed restore, Orbax has already closed the asyncio loop of that restore
     while tensorstore still completes the reads it had in flight; each completion then tries

@@ -14,7 +14,7 @@ def add_cli(sub) -> None:
     p = sub.add_parser("train", help="train (or resume training) a DeepSeek-V2", formatter_class=fmt,
                        description="Rerunning the same command on the same --workdir resumes from "
                                    "its newest good checkpoint.")
-    p.add_argument("--config", default=d.config, help="preset (tiny, v2-lite, v2) or config.json path")
+    p.add_argument("--config", default=d.config, help="preset (tiny, bench, v2-lite, v2) or config.json path")
     p.add_argument("--workdir", default=None,
                    help="run directory (default: runs/<config name>, or runs/<--init-from name>)")
     p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps of the run")

@@ -34,16 +34,19 @@ import jax
 from dsv2_jax.config import DeepseekV2Config, load_config
 from dsv2_jax.errors import UserError
 from dsv2_jax.train import metrics as M
-from dsv2_jax.train.checkpointing import TrainCheckpoints, checkpoint_steps
+from dsv2_jax.train.checkpointing import TrainCheckpoints, checkpoint_steps, unreadable
 from dsv2_jax.train.optim import lr_schedule, make_optimizer
 from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
 
 
 # Arguments that define the data stream a checkpointed iterator belongs to.
 _DATA_ARGS = ("data", "seq_len", "batch_size", "seed")
-# Arguments that define the learning-rate schedule: a resume may change them (extending a
+# Arguments of the schedule and the optimizer's update: a resume may change them (extending a
 # run is common); the change is said and recorded.
-_SCHEDULE_ARGS = ("steps", "lr", "warmup_steps", "schedule")
+_SCHEDULE_ARGS = ("steps", "lr", "warmup_steps", "schedule", "clip", "weight_decay")
+# Config fields that shape neither the parameters nor the optimizer state and compute the same
+# model (to rounding): a resume may change them, and says so.
+_RESUMABLE_FIELDS = ("remat", "ce_chunk", "scan_unroll", "attn_impl", "moe_backend", "moe_dispatch")
 
 
 class TrainingError(UserError, RuntimeError):
@@ -102,7 +105,9 @@ def config_name(args: TrainArgs) -> str:
     return args.init_from or args.config
 
 
-def _resolve_config(args: TrainArgs) -> DeepseekV2Config:
+def _resolve_config(args: TrainArgs, resuming: bool, log=print) -> DeepseekV2Config:
+    """The run's config; `resuming` (the workdir holds checkpoints): checked against the
+    config the workdir was trained with."""
     saved = os.path.join(args.workdir, "config.json")
     try:
         if args.init_from:
@@ -121,12 +126,23 @@ def _resolve_config(args: TrainArgs) -> DeepseekV2Config:
             cfg = cfg.replace(param_dtype=args.master_dtype or "float32")
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(str(e)) from None
-    if os.path.exists(saved):
-        prev = DeepseekV2Config.from_hf(saved)
-        if prev != cfg:
-            diff = [f.name for f in dataclasses.fields(cfg) if getattr(prev, f.name) != getattr(cfg, f.name)]
-            raise TrainingError(f"{args.workdir} holds a run of a different config (fields {diff}); "
-                                f"use another --workdir or the same --config/--set")
+    if resuming and os.path.exists(saved):
+        try:
+            prev = DeepseekV2Config.from_hf(saved)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+        diff = [f.name for f in dataclasses.fields(cfg) if getattr(prev, f.name) != getattr(cfg, f.name)]
+        fixed = [k for k in diff if k not in _RESUMABLE_FIELDS]
+        if fixed:
+            how = ", ".join(f"--master-dtype {prev.param_dtype}" if k == "param_dtype"
+                            else f"--set {k}={json.dumps(getattr(prev, k))}" for k in fixed)
+            raise TrainingError(
+                f"{args.workdir} holds a run of a different config ("
+                + ", ".join(f"{k}: {getattr(prev, k)!r} there, {getattr(cfg, k)!r} now" for k in fixed)
+                + f"); resume with {how}, or use another --workdir")
+        if diff:
+            log("config changed on resume: " + ", ".join(
+                f"{k} {getattr(prev, k)!r} -> {getattr(cfg, k)!r}" for k in diff))
     return cfg
 
 
@@ -202,14 +218,21 @@ def _check_args(args: TrainArgs) -> None:
     _parse_profile_steps(args.profile_steps, 0)
 
 
-def _check_resume(args: TrainArgs) -> dict | None:
-    """The workdir's run.json, refusing a resume that changes the data stream or the process
-    count (each process's data shard would change)."""
+def _check_resume(args: TrainArgs, resuming: bool) -> dict | None:
+    """The workdir's run.json when it holds checkpoints (`resuming`), refusing a resume that
+    changes the data stream or the process count (each process's data shard would change).
+    Without checkpoints nothing was trained: the run starts afresh whatever run.json says."""
     run_json = os.path.join(args.workdir, "run.json")
-    if not os.path.exists(run_json):
+    if not resuming or not os.path.exists(run_json):
         return None
-    with open(run_json) as f:
-        first = json.load(f)
+    try:
+        with open(run_json) as f:
+            first = json.load(f)
+        if not isinstance(first, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise TrainingError(f"{run_json}: unreadable ({e}); it records how the run was started, "
+                            f"so the run cannot be resumed safely without it") from None
     # The saved data-iterator state only means something for the same data stream.
     changed = [k for k in _DATA_ARGS if k in first and first[k] != getattr(args, k)]
     if changed:
@@ -227,11 +250,27 @@ def _check_resume(args: TrainArgs) -> dict | None:
 
 
 def _schedule_now(run: dict) -> dict:
-    """The schedule arguments in force: the first run's, updated by every recorded change."""
+    """The schedule arguments in force: the first run's, updated by every recorded change;
+    an unset warm-up as the length it took (`warmup_length`)."""
     now = {k: run.get(k) for k in _SCHEDULE_ARGS}
     for change in run.get("history", []):
         now.update({k: v["new"] for k, v in change.get("changes", {}).items()})
+    if now["warmup_steps"] is None and isinstance(now["steps"], int):
+        now["warmup_steps"] = warmup_length(now["steps"], None)
     return now
+
+
+def warmup_length(steps: int, warmup_steps: int | None) -> int:
+    """--warmup-steps, or by default a tenth of the steps, at most 2000."""
+    return warmup_steps if warmup_steps is not None else min(2000, steps // 10)
+
+
+def _keep_warmup(run: dict | None, args: TrainArgs) -> TrainArgs:
+    """A resume without --warmup-steps keeps the warm-up in force (extending --steps must not
+    lengthen a warm-up that is over and send the learning rate back into it)."""
+    if run is None or args.warmup_steps is not None:
+        return args
+    return dataclasses.replace(args, warmup_steps=_schedule_now(run)["warmup_steps"])
 
 
 def _schedule_changes(run: dict | None, args: TrainArgs) -> dict:
@@ -289,17 +328,21 @@ def train(args: TrainArgs, log=print) -> dict:
     if args.batch_size % n_batch_shards or args.batch_size % jax.process_count():
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {n_batch_shards} "
                             f"data-parallel devices and {jax.process_count()} processes")
-    given_cfg = _resolve_config(args)
-    cfg = expert_parallel_config(given_cfg, mesh.shape["expert"], log)
-    first_run = _check_resume(args)
-    changes = _schedule_changes(first_run, args)
     ckdir = os.path.join(args.workdir, "checkpoints")
     done = checkpoint_steps(ckdir)
+    given_cfg = _resolve_config(args, resuming=bool(done), log=log)
+    cfg = expert_parallel_config(given_cfg, mesh.shape["expert"], log)
+    first_run = _check_resume(args, resuming=bool(done))
+    args = _keep_warmup(first_run, args)
+    changes = _schedule_changes(first_run, args)
     last_stop = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     if done and done[-1] >= last_stop:
-        log(f"{args.workdir}: already at step {done[-1]} of {args.steps}; nothing to do "
-            f"(rerun with a larger --steps to train further)")
-        return {}
+        damage = unreadable(ckdir, done[-1])
+        if damage is None:
+            log(f"{args.workdir}: already at step {done[-1]} of {args.steps}; nothing to do "
+                f"(rerun with a larger --steps to train further)")
+            return {}
+        log(f"checkpoint step {done[-1]} cannot be opened ({damage}); restoring an earlier one")
 
     from dsv2_jax.train.data import make_train_iter
 
@@ -310,7 +353,7 @@ def train(args: TrainArgs, log=print) -> dict:
                                     seed=args.seed, vocab_size=cfg.vocab_size)
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(str(e)) from None
-    warmup = args.warmup_steps if args.warmup_steps is not None else min(2000, args.steps // 10)
+    warmup = warmup_length(args.steps, args.warmup_steps)
     schedule = lr_schedule(args.lr, args.steps, warmup, args.schedule)
     tx = make_optimizer(schedule, weight_decay=args.weight_decay, clip=args.clip)
 
@@ -343,10 +386,14 @@ def train(args: TrainArgs, log=print) -> dict:
                                     state_shape, state_sh)
             step0, state = ckpts.restore_latest(abstract, data_iter)
             log(f"resumed from {ckpts.directory}/{step0}")
+            if step0 >= last_stop:  # only damaged steps lay beyond it
+                log(f"{args.workdir}: at step {step0} of {args.steps}; nothing to do")
+                ckpts.close()
+                return {}
         else:
             step0, state = 0, _initial_state(cfg, args, tx, params_of(abstract_model), mesh, state_sh)
         if changes:
-            log(f"learning-rate schedule changed from step {step0}: "
+            log(f"schedule changed from step {step0}: "
                 + ", ".join(f"--{k.replace('_', '-')} {v['old']} -> {v['new']}" for k, v in changes.items()))
         # --- the run is accepted: its files (process 0's) ---------------------------------
         if primary:
@@ -401,9 +448,13 @@ def _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter,
     peak = (args.peak_tflops * 1e12 if args.peak_tflops else M.peak_flops_per_device(cfg.dtype))
     peak = peak * jax.device_count() if peak else None
     profile = _parse_profile_steps(args.profile_steps, step0)
+    if profile and profile[0] > min(profile[1], last_stop):
+        log(f"--profile-steps {args.profile_steps}: outside the steps this run trains "
+            f"({step0 + 1}..{last_stop}); no trace")
+        profile = None
     primary = is_primary()
     mlog = M.MetricsLog(os.path.join(args.workdir, "metrics.jsonl"), step0, enabled=primary)
-    board = M.TensorBoard(os.path.join(args.workdir, "tensorboard"), enabled=primary)
+    board = M.TensorBoard(os.path.join(args.workdir, "tensorboard"), enabled=primary, resume_step=step0)
     progress = None
     consecutive_bad, rec = 0, {}
     # SIGTERM / a first Ctrl-C ask for a checkpoint at the next step boundary and a clean stop
@@ -477,7 +528,7 @@ def _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter,
             if pending:  # the previous step's metrics, while this one runs
                 rec, pending = record(*pending), None
             pending = (step, m)
-            end_trace = tracing and step >= profile[1]
+            end_trace = tracing and (step >= profile[1] or step == last_stop or bool(interrupted))
             due = step % args.checkpoint_every == 0 or step == last_stop or interrupted or end_trace
             if not due:
                 continue

@@ -43,6 +43,20 @@ def train_flops_per_token(cfg: DeepseekV2Config, seq_len: int) -> float:
     return 6.0 * active + attn
 
 
+def read_records(path: str):
+    """(line, record) of every step record of a metrics.jsonl: a JSON object with an integer
+    `step`. Other lines (one cut short by a crash, anything else written into the file) are
+    skipped."""
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                yield line, rec
+
+
 class MetricsLog:
     """Appends one JSON object per step to workdir/metrics.jsonl (flushed each line)."""
 
@@ -53,17 +67,15 @@ class MetricsLog:
             return
         if os.path.exists(path):
             # A resumed run recomputes the steps after its checkpoint: drop their old lines.
-            keep = []
-            with open(path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a crash
-                    if resume_step is not None and rec.get("step", 0) <= resume_step:
-                        keep.append(line if line.endswith("\n") else line + "\n")
-            with open(path, "w") as f:
+            # Rewritten whole or not at all, so a crash here cannot lose the history.
+            keep = [line if line.endswith("\n") else line + "\n" for line, rec in read_records(path)
+                    if resume_step is not None and rec["step"] <= resume_step]
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
                 f.writelines(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         self.f = open(path, "a")
 
     def write(self, rec: dict) -> None:
@@ -103,7 +115,7 @@ class TensorBoard:
             "tokens_per_sec", "mfu", "load_max_over_mean", "load_min_over_mean",
             "dropped_fraction", "rows_per_token")
 
-    def __init__(self, logdir: str, enabled: bool = True):
+    def __init__(self, logdir: str, enabled: bool = True, resume_step: int = 0):
         self.writer = None
         if not enabled:
             return
@@ -111,7 +123,9 @@ class TensorBoard:
             writer_class = _summary_writer_class()
         except ImportError:
             return
-        self.writer = writer_class(logdir)
+        # A resumed run recomputes the steps after its checkpoint: TensorBoard hides the
+        # events an earlier process wrote for them (as metrics.jsonl drops their lines).
+        self.writer = writer_class(logdir, purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, rec: dict) -> None:
         if self.writer is None:

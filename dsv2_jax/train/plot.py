@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 
@@ -10,15 +9,11 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no metrics (is {workdir} a training workdir?)")
-    recs = []
-    with open(path) as f:
-        for line in f:
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    from dsv2_jax.train.metrics import read_records
+
+    recs = [rec for _, rec in read_records(path)]
     if not recs:
-        raise ValueError(f"{path}: empty")
+        raise ValueError(f"{path}: no step records")
     return recs
 
 

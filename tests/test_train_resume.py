@@ -1,0 +1,128 @@
+"""`dsv2 train` on a workdir it has seen before, at its edges: a first run that failed before
+any checkpoint, a damaged checkpoint at the last step, settings changed on resume, and what
+else a resume reads (run.json, metrics.jsonl)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from dsv2_jax.cli import main as cli_main
+from dsv2_jax.train.loop import TrainArgs, TrainingError, train
+
+SMALL = dict(config="tiny", batch_size=4, seq_len=32, log_every=1000, lr=3e-3, warmup_steps=1,
+             set=["num_hidden_layers=2"])
+
+
+def _records(wd):
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _steps(wd):
+    return sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+
+
+def test_a_first_run_that_failed_before_its_first_checkpoint_does_not_lock_the_workdir(tmp_path):
+    """Its run.json and config.json were written, but nothing was trained: a rerun with other
+    data and another config starts afresh instead of being refused as a changed run."""
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((3, 4), np.int32))  # 2-D: refused when the first batch is read
+    wd = str(tmp_path / "run")
+    with pytest.raises(Exception, match="bad.npy"):
+        train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1, data=f"npy:{bad}", **SMALL))
+    logs = []
+    train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1, **dict(SMALL, seq_len=16)), log=logs.append)
+    assert _steps(wd) == [1, 2]
+    assert json.load(open(os.path.join(wd, "run.json")))["data"] == "stdlib"
+    assert [r["step"] for r in _records(wd)] == [1, 2]
+
+
+def test_a_damaged_checkpoint_at_the_last_step_is_not_nothing_to_do(tmp_path):
+    """The run looks finished, but its last checkpoint's files are gone: the rerun restores
+    the step before it and trains the missing step, and eval loads the newest good step."""
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **SMALL))
+    want = _records(wd)
+    state = os.path.join(wd, "checkpoints", "4", "state")
+    for name in os.listdir(state):
+        if not name.startswith("_"):  # array data and the OCDBT manifest; metadata kept
+            p = os.path.join(state, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    with pytest.warns(UserWarning, match="loaded checkpoint step 2"):
+        from dsv2_jax import from_pretrained
+
+        from_pretrained(wd)
+    logs = []
+    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **SMALL), log=logs.append)
+    assert not any("nothing to do" in line for line in logs), logs
+    assert any("cannot be opened" in line for line in logs), logs
+    assert os.path.isdir(os.path.join(wd, "damaged", "4")) and _steps(wd) == [2, 4]
+    keys = ("step", "loss", "ce", "grad_norm", "lr")
+    assert [[r[k] for k in keys] for r in _records(wd)] == [[r[k] for k in keys] for r in want]
+    logs = []
+    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **SMALL), log=logs.append)
+    assert any("nothing to do" in line for line in logs), logs
+
+
+def test_extending_a_run_keeps_its_default_warmup(tmp_path):
+    """The default warm-up is a tenth of --steps: extending 20 -> 400 steps must not restart
+    a 40-step warm-up at step 21 (the learning rate would fall to about half)."""
+    wd = str(tmp_path / "run")
+    args = dict(SMALL, warmup_steps=None)
+    train(TrainArgs(workdir=wd, steps=20, checkpoint_every=20, **args))
+    logs = []
+    train(TrainArgs(workdir=wd, steps=400, stop_after=21, checkpoint_every=20, **args), log=logs.append)
+    line = [s for s in logs if "schedule changed" in s]
+    assert line == ["schedule changed from step 20: --steps 20 -> 400"], logs
+    lr = {r["step"]: r["lr"] for r in _records(wd)}
+    assert lr[21] > 0.95 * SMALL["lr"], lr[21]
+
+
+def test_runtime_fields_may_change_on_resume_others_name_their_flag(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=1, checkpoint_every=1, **SMALL))
+    logs = []
+    train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1,
+                    **dict(SMALL, set=SMALL["set"] + ["remat=full", "ce_chunk=8"])), log=logs.append)
+    assert any(s.startswith("config changed on resume:") and "remat 'none' -> 'full'" in s for s in logs), logs
+    with pytest.raises(TrainingError, match="param_dtype.*--master-dtype float32"):
+        train(TrainArgs(workdir=wd, steps=3, checkpoint_every=1, master_dtype="bfloat16", **SMALL))
+    with pytest.raises(TrainingError, match="hidden_size: 128 there, 64 now.*--set hidden_size=128"):
+        train(TrainArgs(workdir=wd, steps=3, checkpoint_every=1,
+                        **dict(SMALL, set=SMALL["set"] + ["hidden_size=64"])))
+    assert _steps(wd) == [1, 2]
+
+
+def test_what_a_resume_reads_may_be_damaged_without_a_traceback(tmp_path, capsys):
+    """A metrics.jsonl line that is JSON but not a step record is skipped (resume and plot);
+    an unreadable run.json is named in a one-line refusal."""
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1, **SMALL))
+    with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
+        f.write("[1, 2]\n{\"no_step\": 1}\n")
+    train(TrainArgs(workdir=wd, steps=3, checkpoint_every=1, **SMALL))
+    assert [r["step"] for r in _records(wd)] == [1, 2, 3]
+    with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
+        f.write("[1, 2]\n")
+    assert cli_main(["plot", wd]) == 0
+    with open(os.path.join(wd, "run.json"), "w") as f:
+        f.write("")
+    base = ["train", "--config", "tiny", "--workdir", wd, "--batch-size", "4", "--seq-len", "32",
+            "--set", "num_hidden_layers=2"]
+    capsys.readouterr()
+    assert cli_main([*base, "--steps", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.json: unreadable" in err[0], err
+
+
+def test_a_profile_range_past_the_last_step_is_closed_and_said(tmp_path):
+    wd = str(tmp_path / "run")
+    logs = []
+    train(TrainArgs(workdir=wd, steps=3, checkpoint_every=3, profile_steps="2:5", **SMALL), log=logs.append)
+    assert "profiler trace of steps 2..3 in" in " ".join(logs), logs
+    logs = []
+    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=4, profile_steps="1:2", **SMALL), log=logs.append)
+    assert any("outside the steps this run trains (4..4); no trace" in s for s in logs), logs
