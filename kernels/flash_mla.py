@@ -116,8 +116,12 @@ def flash_mla(q, k, v, *, causal: bool = True, scale: float, segment_ids=None,
     chex.assert_type([k, v], q.dtype)
     if q.dtype not in (jnp.float32, jnp.bfloat16):
         raise TypeError(f"flash_mla takes float32 or bfloat16, got {q.dtype}")
+    if q.shape[1] == 0:
+        raise ValueError("flash_mla: empty sequence (T = 0)")
     if segment_ids is not None:
         chex.assert_shape(segment_ids, q.shape[:2])
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise TypeError(f"segment_ids must be integers, got {segment_ids.dtype}")
         segment_ids = segment_ids.astype(jnp.int32)
     static = _Static(float(scale), bool(causal), block_sizes, interpret)
     return _flash_mla(q, k, v, segment_ids, static)

@@ -71,6 +71,10 @@ class BlockSizes:
     num_warps: int = 8
     num_stages: int = 2
 
+    def __post_init__(self):
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits must be None (automatic) or >= 1, got {self.num_splits}")
+
     @classmethod
     def gpu(cls) -> BlockSizes:
         return cls()
@@ -111,7 +115,7 @@ def mla_decode(q, kv_cache, lengths, *, v_dim: int, scale: float,
       q: [B, H, D] absorbed queries (q_nope W^UK ; q_rope).
       kv_cache: [B, S, D] latent cache rows (c ; k_rope); its first `v_dim` columns are the
         values. An S that is not a multiple of `block_k` costs a padded copy.
-      lengths: [B] int valid rows per sequence (0 gives zeros).
+      lengths: [B] int valid rows per sequence (0 gives zeros; clipped to [0, S]).
         A cache in another dtype than q is cast to q's (a copy per call: store it in the
         compute dtype).
       v_dim: value width (kv_lora_rank).
@@ -126,11 +130,16 @@ def mla_decode(q, kv_cache, lengths, *, v_dim: int, scale: float,
     chex.assert_equal_shape_prefix([q, kv_cache, lengths], 1)
     chex.assert_equal_shape_suffix([q, kv_cache], 1)
     _check_dims(q, v_dim)
+    _check_ints(lengths=lengths)
+    if kv_cache.shape[1] == 0:
+        raise ValueError("mla_decode: the cache has no rows (S = 0)")
     static = _Static(int(v_dim), float(scale), block_sizes, interpret)
     from dsv2_jax.kernels import mla_decode_tpu  # here: it imports this module
 
+    # Rows past the cache do not exist: a longer length would read past it.
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_cache.shape[1])
     return _backend.dispatch(
-        static.interpret, q, kv_cache.astype(q.dtype), None, lengths.astype(jnp.int32),
+        static.interpret, q, kv_cache.astype(q.dtype), None, lengths,
         triton=functools.partial(_decode_triton, static=static),
         mosaic=functools.partial(mla_decode_tpu.decode, static=static))
 
@@ -144,7 +153,7 @@ def mla_decode_paged(q, pages, block_table, lengths, *, v_dim: int, scale: float
       pages: [P, page_size, D] the page pool (page_size 64 by default; GPU: a power of two
         >= 16, TPU: a multiple of 16).
       block_table: [B, M] int page ids of each sequence, in order.
-      lengths: [B] int valid rows per sequence (<= M * page_size).
+      lengths: [B] int valid rows per sequence (clipped to [0, M * page_size]).
       v_dim, scale, block_sizes, interpret: as `mla_decode` (block_k is the page size).
 
     Returns:
@@ -154,12 +163,17 @@ def mla_decode_paged(q, pages, block_table, lengths, *, v_dim: int, scale: float
     chex.assert_equal_shape_prefix([q, block_table, lengths], 1)
     chex.assert_equal_shape_suffix([q, pages], 1)
     _check_dims(q, v_dim)
+    _check_ints(block_table=block_table, lengths=lengths)
+    if block_table.shape[1] == 0 or pages.shape[1] == 0:
+        raise ValueError("mla_decode_paged: no pages per sequence (block_table [B, 0]) or empty pages")
     static = _Static(int(v_dim), float(scale), block_sizes, interpret)
     from dsv2_jax.kernels import mla_decode_tpu  # here: it imports this module
 
+    # Past its M pages a sequence has no rows: a longer length would read other tables.
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, block_table.shape[1] * pages.shape[1])
     return _backend.dispatch(
         static.interpret, q, pages.astype(q.dtype), block_table.astype(jnp.int32),
-        lengths.astype(jnp.int32),
+        lengths,
         triton=functools.partial(_decode_triton, static=static),
         mosaic=functools.partial(mla_decode_tpu.decode, static=static))
 
@@ -168,19 +182,30 @@ def mla_decode_reference(q, kv_cache, lengths, *, v_dim: int, scale: float):
     """Plain-jnp `mla_decode` (float32 softmax)."""
     s = jnp.einsum("bhd,bsd->bhs", q, kv_cache, preferred_element_type=jnp.float32,
                    precision=lax.Precision.HIGHEST) * scale
-    valid = jnp.arange(kv_cache.shape[1])[None, None, :] < lengths[:, None, None]
+    rows = jnp.arange(kv_cache.shape[1])[None, :] < lengths[:, None]  # [B, S]
+    valid = rows[:, None, :]
     p = jax.nn.softmax(jnp.where(valid, s, MASK_VALUE), axis=-1)
     p = jnp.where(valid, p, 0.0)  # a zero length gives zeros, as the kernel does
-    out = jnp.einsum("bhs,bsv->bhv", p, kv_cache[..., :v_dim].astype(jnp.float32),
-                     precision=lax.Precision.HIGHEST)
+    # Rows past a length may hold anything (stale NaNs included): never multiplied in.
+    values = jnp.where(rows[..., None], kv_cache[..., :v_dim].astype(jnp.float32), 0.0)
+    out = jnp.einsum("bhs,bsv->bhv", p, values, precision=lax.Precision.HIGHEST)
     return out.astype(q.dtype)
 
 
 def mla_decode_paged_reference(q, pages, block_table, lengths, *, v_dim: int, scale: float):
     """Plain-jnp `mla_decode_paged`: gathers each sequence's pages, then the reference."""
     B, M = block_table.shape
-    kv = pages[block_table].reshape(B, M * pages.shape[1], pages.shape[2])
+    # Table entries past a sequence's pages may be anything (-1 included): read page 0
+    # for them; those rows are masked by the length.
+    used = jnp.arange(M)[None, :] * pages.shape[1] < lengths[:, None]
+    kv = pages[jnp.where(used, block_table, 0)].reshape(B, M * pages.shape[1], pages.shape[2])
     return mla_decode_reference(q, kv, lengths, v_dim=v_dim, scale=scale)
+
+
+def _check_ints(**arrays):
+    for name, a in arrays.items():
+        if not jnp.issubdtype(a.dtype, jnp.integer):
+            raise TypeError(f"{name} must be integers, got {a.dtype}")
 
 
 def _check_dims(q, v_dim):

@@ -305,6 +305,39 @@ def test_mla_decode_check_detects_wrong_length():
                want) < F32_TOL, seed
 
 
+@pytest.mark.parametrize("variant", ["triton", "tpu"])
+def test_mla_decode_lengths_past_the_cache_mean_the_whole_cache(variant):
+    """A length past the cache's S rows reads the S rows, nothing past them, and counts no
+    block twice; the reference agrees and keeps stale NaN rows out (0 * NaN)."""
+    rng, seed = fresh()
+    q, kv = decode_inputs(rng, 2, 3, 70, 32, 16)
+    blocks, interpret = ((DecodeBlocks(block_h=16, block_k=16, num_splits=3), None) if variant == "triton"
+                         else (DecodeBlocks(block_h=8, block_k=32, num_splits=2), TPU))
+    want = np_decode(q, kv, np.array([70, 70]), v_dim=32, scale=0.1)
+    got = run(lambda q, kv: mla_decode(q, kv, jnp.asarray([90, 70], jnp.int32), v_dim=32, scale=0.1,
+                                       block_sizes=blocks, interpret=interpret), q, kv)
+    assert rel(got, want) < F32_TOL, seed
+    ref = mla_decode_reference(q, kv.at[1, 40:].set(jnp.nan), jnp.asarray([90, 40]), v_dim=32, scale=0.1)
+    assert np.isfinite(np.asarray(ref)).all()
+    np.testing.assert_allclose(np.asarray(ref[0]), want[0], rtol=F32_TOL, atol=F32_TOL)
+
+
+def test_mla_decode_refuses_what_it_cannot_read():
+    rng, _ = fresh()
+    q, kv = decode_inputs(rng, 2, 3, 16, 32, 16)
+    with pytest.raises(TypeError, match="lengths must be integers"):
+        mla_decode(q, kv, jnp.asarray([3.7, 4.0]), v_dim=32, scale=0.1)
+    with pytest.raises(ValueError, match="no rows"):
+        mla_decode(q, kv[:, :0], jnp.asarray([0, 0]), v_dim=32, scale=0.1)
+    with pytest.raises(ValueError, match="num_splits"):
+        DecodeBlocks(num_splits=0)
+    with pytest.raises(TypeError, match="block_table must be integers"):
+        mla_decode_paged(q, kv, jnp.zeros((2, 1), jnp.float32), jnp.asarray([1, 1]), v_dim=32, scale=0.1)
+    x = jnp.ones((1, 20, 1, 16), jnp.float32)
+    with pytest.raises(TypeError, match="segment_ids must be integers"):
+        flash_mla(x, x, x, scale=0.1, segment_ids=jnp.full((1, 20), 0.5))
+
+
 def paged_inputs(rng, B, H, M, page, Vd, R, P, dtype=jnp.float32):
     q = jnp.asarray(rng.standard_normal((B, H, Vd + R)), dtype)
     pages = jnp.asarray(rng.standard_normal((P, page, Vd + R)), dtype)
@@ -326,6 +359,17 @@ def test_mla_decode_paged(H, splits):
     assert rel(got, want) < F32_TOL, seed
     ref = mla_decode_paged_reference(q, pages, table, lengths, v_dim=Vd, scale=0.2)
     assert rel(ref, want) < F32_TOL, seed
+    # Table entries past a sequence's pages may be -1 and the pool's unused pages stale
+    # (NaN); a length past its M pages means all of them.
+    table = table.at[0, 1:].set(-1)  # row 0 holds 1 row: one page
+    pages = jnp.concatenate([pages, jnp.full_like(pages[:1], jnp.nan)])  # -1 wraps to it
+    long = lengths.at[2].set(M * page + 30)
+    got = run(lambda q, p, t, n: mla_decode_paged(q, p, t, n, v_dim=Vd, scale=0.2,
+                                                   block_sizes=blocks), q, pages, table, long)
+    want = np_decode(q, kv, np.minimum(np.asarray(long), M * page), v_dim=Vd, scale=0.2)
+    assert rel(got, want) < F32_TOL, seed
+    ref = mla_decode_paged_reference(q, pages, table, long, v_dim=Vd, scale=0.2)
+    assert np.isfinite(np.asarray(ref)).all() and rel(ref, want) < F32_TOL, seed
 
 
 @settings(max_examples=6, deadline=None)
