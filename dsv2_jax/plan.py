@@ -55,6 +55,7 @@ import math
 from typing import Mapping
 
 from dsv2_jax.config import DeepseekV2Config
+from dsv2_jax.moe.routing import expert_parallel_config
 
 GB = 1e9
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -336,6 +337,8 @@ def make_plan(cfg: DeepseekV2Config, mesh: str | Mapping[str, int] | None, batch
     if cfg.n_routed_experts and cfg.n_routed_experts % ep:
         raise ValueError(f"n_routed_experts={cfg.n_routed_experts} does not divide over the "
                          f"expert axis ({ep})")
+    # The routing `dsv2 train` runs on this expert axis (its device groups are the devices).
+    cfg = expert_parallel_config(cfg, ep, log=lambda *_: None)
     params = parameter_table(cfg, sizes)
     c = _DTYPE_BYTES[cfg.dtype]
     t = tg.temp_bytes or c
@@ -534,10 +537,14 @@ def advice(plan: Plan) -> list[str]:
     return lines
 
 
+MAX_BATCH_SEARCH = 4096  # sequences per token shard
+
+
 def max_batch(cfg: DeepseekV2Config, mesh: str | Mapping[str, int] | None, seq_len: int, *,
-              limit: int = 4096, **kw) -> int:
-    """The largest global batch (a multiple of the token shards) whose plan fits; 0 if not
-    even one sequence per token shard does."""
+              limit: int = MAX_BATCH_SEARCH, **kw) -> int:
+    """The largest global batch (a multiple of the token shards) whose plan fits, searched
+    up to `limit` sequences per token shard; 0 if not even one sequence per token shard
+    does."""
     sizes = dict(mesh) if isinstance(mesh, Mapping) else mesh_sizes(mesh, kw.pop("n_devices", None))
     shards = token_shards(sizes)
     fits = lambda b: make_plan(cfg, sizes, b * shards, seq_len, **kw).fits
@@ -587,6 +594,7 @@ def format_plan(plan: Plan) -> str:
     best = max_batch(cfg, plan.sizes, plan.seq_len, device_memory=plan.device_memory,
                      master_dtype=cfg.param_dtype, target=plan.target)
     shards = token_shards(plan.sizes)
-    most = (f"largest batch that fits: {best} ({best // shards} per token shard)" if best
+    at_least = "at least " if best // shards >= MAX_BATCH_SEARCH else ""  # the search's end
+    most = (f"largest batch that fits: {at_least}{best} ({best // shards} per token shard)" if best
             else "not even one sequence per token shard fits")
     return "\n".join(lines + [""] + advice(plan) + [most])

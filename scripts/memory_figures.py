@@ -30,7 +30,11 @@ def _abstract_state(cfg, mesh, master_dtype="float32"):
     from dsv2_jax.train.optim import make_optimizer
     from dsv2_jax.train.step import ModelFns, init_state, params_of
 
+    from dsv2_jax.moe.routing import expert_parallel_config
+
     cfg = cfg.replace(param_dtype=master_dtype)
+    if mesh is not None:  # the routing dsv2 train runs on this expert axis
+        cfg = expert_parallel_config(cfg, mesh.shape["expert"], log=lambda *_: None)
     m = abstract_model(cfg)
     tx = make_optimizer(lambda s: 1e-3)
     shape = jax.eval_shape(lambda p: init_state(p, tx), params_of(m))

@@ -5,7 +5,9 @@ before JAX touches a device.
                 local processes on 127.0.0.1 included)
     TPU pod     detected from the TPU VM environment (TPU_WORKER_HOSTNAMES / MEGASCALE_*);
                 JAX reads the worker list itself
-    SLURM       detected from SLURM_JOB_ID with more than one task; JAX reads the node list
+    SLURM       detected from SLURM_JOB_ID with more than one task; JAX reads the node list.
+                With one task per node, the task drives every GPU the node gives it (JAX's
+                own SLURM default is one GPU per task: its local id)
 
 Nothing happens in a single-process run. After `initialize`, `jax.devices()` lists every
 process's devices and `sharding.mesh.make_mesh` lays them out so that only the data axis
@@ -31,6 +33,27 @@ def _multi_task_slurm() -> bool:
         return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1) > 1
     except ValueError:
         return False
+
+
+def slurm_local_device_ids() -> list[int] | None:
+    """The GPUs a SLURM task drives when it is the only task on its node: every visible one
+    (CUDA_VISIBLE_DEVICES, else SLURM_GPUS_ON_NODE). None (JAX's default: the GPU of the
+    task's local id) with several tasks per node, or when no GPU count is known."""
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "")
+    try:
+        if int(per_node.split("(")[0].split(",")[0]) != 1:
+            return None
+    except ValueError:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        n = len([d for d in visible.split(",") if d.strip()])
+    else:
+        try:
+            n = int(os.environ.get("SLURM_GPUS_ON_NODE", ""))
+        except ValueError:
+            return None
+    return list(range(n)) if n > 0 else None
 
 
 def detected_cluster() -> str | None:
@@ -65,7 +88,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
         return True
-    if detected_cluster():
+    cluster = detected_cluster()
+    if cluster == "slurm":
+        jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
+        return True
+    if cluster:
         jax.distributed.initialize()
         return True
     return False

@@ -177,3 +177,20 @@ def test_cli_prints_the_table_and_one_line_errors():
     r = subprocess.run(base + ["--mesh", "fsdp=-1", "--devices", "8", "--batch-size", "8"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and "(8 devices)" in r.stdout, r.stderr
+
+
+def test_plan_runs_the_routing_training_runs_on_the_expert_axis():
+    """`dsv2 train` maps the config's device groups onto the expert devices (v2: 3 of 8
+    groups become 2 of 4 devices on expert=4); the plan's dispatch buffers follow that
+    mapping, not the config as written."""
+    cfg = load_config("v2").replace(dtype="bfloat16", remat="full", capacity_factor=1.0)
+    mesh = {"fsdp": 64, "expert": 4}
+    as_given = make_plan(cfg, mesh, 256, 4096)
+    mapped = make_plan(cfg.replace(num_device_groups=4, max_devices_per_token=2), mesh, 256, 4096)
+    assert as_given.dispatch == mapped.dispatch and as_given.total == mapped.total
+    assert cfg.num_device_groups == 8 and cfg.max_devices_per_token == 3
+
+
+def test_batch_search_end_is_said():
+    text = format_plan(make_plan(load_config("tiny"), "fsdp=2", 64, 32, n_devices=2))
+    assert "largest batch that fits: at least 8192 (4096 per token shard)" in text

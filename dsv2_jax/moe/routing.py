@@ -223,3 +223,34 @@ def route(x, kernel, cfg: DeepseekV2Config, *, train: bool, batch: int, valid=No
         send, _ = group_rows(idx, None, scores, valid, E, G)
         rows = send.sum(axis=1).astype(jnp.int32)
     return RouterOutput(logits, scores, idx, weight, counts, keep, valid, rows)
+
+
+def expert_parallel_config(cfg: DeepseekV2Config, ep: int, log=print) -> DeepseekV2Config:
+    """The config the graph runs with on an `expert` axis of size ep > 1: the ep devices are
+    the device groups of device-limited routing and of the device/communication losses.
+
+    num_device_groups 0 -> ep groups with no per-token limit. Another count D is mapped onto
+    the ep devices, keeping the fraction of devices a token may reach (M of D -> about
+    M * ep / D of ep, at least 1 and at least enough devices to hold K experts), and said in
+    one line. The config saved in the workdir stays the one given."""
+    if ep == 1 or not cfg.n_routed_experts:
+        return cfg
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    if E % ep:
+        raise ValueError(f"--mesh expert={ep}: n_routed_experts={E} is not divisible by {ep}")
+    if cfg.num_device_groups == 0:
+        return cfg.replace(num_device_groups=ep, max_devices_per_token=ep)
+    if cfg.num_device_groups == ep:
+        return cfg
+    D, Mx = cfg.num_device_groups, cfg.max_devices_per_token
+    m = max(1, round(Mx * ep / D))
+    while m < ep and m * (E // ep) < K:
+        m += 1
+    try:
+        mapped = cfg.replace(num_device_groups=ep, max_devices_per_token=m)
+    except ValueError as e:
+        raise ValueError(f"--mesh expert={ep}: the config's {D} device groups cannot be mapped "
+                         f"onto {ep} expert devices ({e})") from None
+    log(f"device-limited routing over the {ep} expert devices: each token reaches at most {m} of "
+        f"{ep} (the config says {Mx} of {D} groups)")
+    return mapped
