@@ -39,8 +39,9 @@ def add_cli(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens "
                    "whose probability reaches p, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--eos-id", type=int, default=None,
-                   help="stop token (default: the config's eos_token_id, every one of a list)")
+    p.add_argument("--eos-id", default=None,
+                   help="stop token id(s), comma-separated (default: the config's eos_token_id, "
+                        "every one of a list)")
     p.add_argument("--cache-dtype", default=None, choices=CACHE_KINDS,
                    help="latent cache storage (default: the compute dtype)")
     p.set_defaults(func=run)
@@ -111,14 +112,16 @@ def load_tokenizer(model_dir: str, vocab_size: int):
     return None
 
 
-def _parse_ids(text: str) -> list[int]:
+def _parse_ids(text: str, flag: str = "--ids") -> list[int]:
     parts = [p.strip() for p in text.split(",")]
     if parts == [""]:
+        if flag != "--ids":
+            raise ValueError(f"{flag} {text!r}: expected comma-separated integers like 1,2")
         return []
     try:
         return [int(p) for p in parts]
     except ValueError:
-        raise ValueError(f"--ids {text!r}: expected comma-separated integers like 1,2,3") from None
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers like 1,2,3") from None
 
 
 def adds_bos(model_dir: str) -> bool:
@@ -168,7 +171,7 @@ def run(a) -> int:
         bos = cfg.bos_token_id
         if bos is not None and adds_bos(a.model) and ids[0] != bos:
             ids, echo_from = [bos] + ids, 1  # the echo shows the text, not the BOS
-    eos = a.eos_id
+    eos = _parse_ids(a.eos_id, "--eos-id") if a.eos_id is not None else None
     if eos is None:
         eos = [e for e in cfg.eos_token_ids if 0 <= e < cfg.vocab_size] or None
     # Every argument checked before anything is printed (the echo would decode bad ids).

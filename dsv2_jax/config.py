@@ -23,11 +23,13 @@ PRESETS = ("tiny", "bench", "v2-lite", "v2")
 _TOPK_METHODS = ("greedy", "group_limited_greedy")
 _ROPE_TYPES = ("default", "yarn")
 _DTYPES = ("float32", "bfloat16", "float16")
-# Field annotation -> (accepted Python types, None allowed), for the type check in validate.
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# Field annotation -> (accepted Python types, None allowed), for the type check in validate.
 _FIELD_TYPES = {
     "int": ((int,), False), "int|None": ((int,), True), "float": ((int, float), False),
     "float|None": ((int, float), True), "bool": ((bool,), False), "str": ((str,), False),

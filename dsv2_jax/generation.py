@@ -160,6 +160,13 @@ def _eos_ids(eos_id) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
+def _padded(eos: tuple[int, ...]) -> tuple[int, ...]:
+    """Stop ids padded with -1 (never a token) to a multiple of 8, so that none, one or a
+    few stop ids share one compiled loop."""
+    n = max(8, -(-len(eos) // 8) * 8)
+    return eos + (-1,) * (n - len(eos))
+
+
 def check_inputs(cfg, ids, lengths, max_new_tokens, temperature, top_k, top_p, eos_id):
     """Raises ValueError for arguments `generate` cannot run (what it checks first; callers
     that print before generating check with it first too)."""
@@ -238,7 +245,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
     args = (graphdef, state, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32),
             jnp.int32(max_new_tokens), jnp.float32(temperature if not greedy else 1.0),
             jnp.int32(top_k), jnp.float32(top_p), jnp.uint32(seed % 2**32),
-            jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_id))
+            jnp.asarray(_padded(eos), jnp.int32), jnp.int32(pad_id))
     kw = dict(max_len=max_len, kind=kind, mode=mode, stream=on_token is not None)
     global _listener
     if on_token is None:

@@ -90,8 +90,6 @@ def logits(model: HFModel, ids: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
 
 
-
-
 def official_norm_topk(model: HFModel) -> HFModel:
     """Patches the reference router to the official DeepSeek-V2 norm_topk_prob semantics:
     top-K weights divided by their sum and NOT scaled (transformers 5 always scales)."""

@@ -130,6 +130,10 @@ def test_several_eos_ids_each_stop_and_streaming_reports_stops(hf_models):
     assert seen[1][2][1]  # then row 1 has stopped
     with pytest.raises(ValueError, match="eos_id"):
         dsv2_jax.generate(model, ids, NEW, eos_id=[])
+    before = _generate_jit._cache_size()  # none, one or several stop ids: one compiled loop
+    for eos in (None, a, [a, b, 3]):
+        dsv2_jax.generate(model, ids, NEW, eos_id=eos)
+    assert _generate_jit._cache_size() == before
 
 
 def test_tiny_temperature_samples_the_argmax():

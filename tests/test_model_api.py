@@ -196,8 +196,6 @@ def test_no_hidden_state(model):
     assert not np.array_equal(np.asarray(other["lm_head"]["kernel"][...]), before["lm_head"]["kernel"])
 
 
-
-
 @pytest.mark.parametrize("param_dtype,dtype", [("bfloat16", "bfloat16"), ("float32", "bfloat16"),
                                                ("bfloat16", "float32")])
 def test_reduced_precision(model, param_dtype, dtype):

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from procenv import cpu_env
@@ -88,8 +89,8 @@ def test_a_changed_schedule_is_said_recorded_and_followed(tmp_path):
     train(TrainArgs(workdir=wd, steps=2, lr=3e-3, **small))
     logs = []
     train(TrainArgs(workdir=wd, steps=4, lr=1e-3, schedule="constant", **small), log=logs.append)
-    line = [s for s in logs if "schedule changed" in s]
-    assert line == ["schedule changed from step 2: --steps 2 -> 4, --lr 0.003 -> 0.001, "
+    line = [s for s in logs if "settings changed" in s]
+    assert line == ["settings changed from step 2: --steps 2 -> 4, --lr 0.003 -> 0.001, "
                     "--schedule cosine -> constant"], logs
     run = json.load(open(os.path.join(wd, "run.json")))
     assert run["history"] == [{"step": 2, "changes": {"steps": {"old": 2, "new": 4},
@@ -133,12 +134,20 @@ def test_a_transient_restore_error_stops_without_quarantine(tmp_path, monkeypatc
 
 
 def test_damage_is_recognised_and_other_failures_are_not():
-    from dsv2_jax.train.checkpointing import is_damage
+    from dsv2_jax.checkpoint.integrity import is_damage
 
     for e in (FileNotFoundError("x"), ValueError("DATA_LOSS: Error decoding local file"),
               ValueError("NOT_FOUND: Error reading Byte range"), ValueError("OUT_OF_RANGE: ..."),
-              json.JSONDecodeError("Expecting value", "x", 0)):
+              json.JSONDecodeError("Expecting value", "x", 0),
+              ValueError("FAILED_PRECONDITION: Error reading ...: Truncated Zstd-compressed stream")):
         assert is_damage(e), e
+    try:  # Orbax's wrapper names no cause; the one it wraps does
+        try:
+            raise ValueError("NOT_FOUND: Error reading local file")
+        except ValueError as inner:
+            raise RuntimeError("Encountered error while reading array index") from inner
+    except RuntimeError as e:
+        assert is_damage(e)
     for e in (OSError(5, "Input/output error"), MemoryError(), TimeoutError(), PermissionError(),
               ValueError("Sharding ... implies that array axis 0 is partitioned 8 times")):
         assert not is_damage(e), e
@@ -149,3 +158,25 @@ def test_process_flags_go_together(capsys):
 
     assert main(["train", "--coordinator", "127.0.0.1:1234", "--steps", "1"]) == 1
     assert "go together" in capsys.readouterr().err
+
+
+def test_a_slurm_task_alone_on_its_node_drives_all_its_gpus(monkeypatch):
+    """JAX's SLURM default is one GPU per task (its local id); the launch recipe runs one
+    task per node, which must drive every GPU of the node."""
+    from dsv2_jax.sharding import hosts
+
+    seen = {}
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    base = dict(SLURM_JOB_ID="7", SLURM_NTASKS="16", SLURM_TASKS_PER_NODE="1(x16)")
+    for env, want in ((dict(CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"), list(range(8))),
+                      (dict(SLURM_GPUS_ON_NODE="4"), [0, 1, 2, 3]),
+                      (dict(SLURM_TASKS_PER_NODE="8(x2)", CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"), None),
+                      ({}, None)):
+        for k in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in {**base, **env}.items():
+            monkeypatch.setenv(k, v)
+        seen.clear()
+        assert hosts.initialize() is True
+        assert seen == {"local_device_ids": want}, (env, seen)

@@ -5,6 +5,7 @@ else a resume reads (run.json, metrics.jsonl)."""
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -34,24 +35,42 @@ def test_a_first_run_that_failed_before_its_first_checkpoint_does_not_lock_the_w
     with pytest.raises(Exception, match="bad.npy"):
         train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1, data=f"npy:{bad}", **SMALL))
     logs = []
-    train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1, **dict(SMALL, seq_len=16)), log=logs.append)
+    other = dict(SMALL, seq_len=16, set=SMALL["set"] + ["hidden_size=64"])
+    train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1, **other), log=logs.append)
     assert _steps(wd) == [1, 2]
     assert json.load(open(os.path.join(wd, "run.json")))["data"] == "stdlib"
+    assert json.load(open(os.path.join(wd, "config.json")))["hidden_size"] == 64
     assert [r["step"] for r in _records(wd)] == [1, 2]
 
 
-def test_a_damaged_checkpoint_at_the_last_step_is_not_nothing_to_do(tmp_path):
-    """The run looks finished, but its last checkpoint's files are gone: the rerun restores
-    the step before it and trains the missing step, and eval loads the newest good step."""
+def _largest_file(d):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+DAMAGE = {
+    "the whole per-process data directory": lambda s: shutil.rmtree(os.path.join(s, "ocdbt.process_0")),
+    "the largest data file": lambda s: os.remove(_largest_file(s)),
+    "the largest data file cut short": lambda s: os.truncate(_largest_file(s), 1000),
+    "the top-level b-tree": lambda s: shutil.rmtree(os.path.join(s, "d")),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_at_the_last_step_is_not_nothing_to_do(tmp_path, damage):
+    """The run looks finished, but its last checkpoint's data is damaged: the rerun restores
+    the step before it and trains the missing steps, and loading for use takes the newest
+    good step."""
+    from dsv2_jax.checkpoint.integrity import probe
+
     wd = str(tmp_path / "run")
     train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **SMALL))
     want = _records(wd)
     state = os.path.join(wd, "checkpoints", "4", "state")
-    for name in os.listdir(state):
-        if not name.startswith("_"):  # array data and the OCDBT manifest; metadata kept
-            p = os.path.join(state, name)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-    with pytest.warns(UserWarning, match="loaded checkpoint step 2"):
+    assert probe(state) is None
+    DAMAGE[damage](state)
+    assert probe(state) is not None
+    with pytest.warns(UserWarning, match="using checkpoint step 2"):
         from dsv2_jax import from_pretrained
 
         from_pretrained(wd)
@@ -74,11 +93,14 @@ def test_extending_a_run_keeps_its_default_warmup(tmp_path):
     args = dict(SMALL, warmup_steps=None)
     train(TrainArgs(workdir=wd, steps=20, checkpoint_every=20, **args))
     logs = []
-    train(TrainArgs(workdir=wd, steps=400, stop_after=21, checkpoint_every=20, **args), log=logs.append)
-    line = [s for s in logs if "schedule changed" in s]
-    assert line == ["schedule changed from step 20: --steps 20 -> 400"], logs
+    train(TrainArgs(workdir=wd, steps=400, stop_after=21, checkpoint_every=1, **args), log=logs.append)
+    line = [s for s in logs if "settings changed" in s]
+    assert line == ["settings changed from step 20: --steps 20 -> 400"], logs
+    logs = []  # and again: the history must not bring the new default back
+    train(TrainArgs(workdir=wd, steps=400, stop_after=22, checkpoint_every=1, **args), log=logs.append)
+    assert not any("settings changed" in s for s in logs), logs
     lr = {r["step"]: r["lr"] for r in _records(wd)}
-    assert lr[21] > 0.95 * SMALL["lr"], lr[21]
+    assert lr[21] > 0.95 * SMALL["lr"] and lr[22] > 0.95 * SMALL["lr"], lr
 
 
 def test_runtime_fields_may_change_on_resume_others_name_their_flag(tmp_path, capsys):
@@ -116,6 +138,38 @@ def test_what_a_resume_reads_may_be_damaged_without_a_traceback(tmp_path, capsys
     assert cli_main([*base, "--steps", "4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run.json: unreadable" in err[0], err
+
+
+def test_tensorboard_hides_the_steps_a_resume_recomputes(tmp_path):
+    """Steps 3-4 ran, were not saved, and ran again after the resume: TensorBoard shows each
+    step once, as metrics.jsonl does. (TensorBoard drops the events of steps >= s written
+    before a `SessionLog.START` at step s, the purge marker; the files are read here by the
+    same rule.)"""
+    pytest.importorskip("tensorboardX")
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **SMALL))
+    shutil.rmtree(os.path.join(wd, "checkpoints", "4"))  # as if killed before saving step 4
+    time.sleep(1.1)  # event files are named by the second they were opened
+    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **SMALL))
+    shown = []
+    tb = os.path.join(wd, "tensorboard")
+    files = sorted(os.listdir(tb))
+    assert len(files) == 2, files
+    for name in files:
+        data = open(os.path.join(tb, name), "rb").read()
+        pos = 0
+        while pos < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 16 + n
+            if ev.HasField("session_log") and ev.session_log.status == event_pb2.SessionLog.START:
+                shown = [s for s in shown if s < ev.step]
+            shown += [ev.step for v in ev.summary.value if v.tag == "train/loss"]
+    assert shown == [1, 2, 3, 4], shown
 
 
 def test_a_profile_range_past_the_last_step_is_closed_and_said(tmp_path):

@@ -57,14 +57,42 @@ def is_training_workdir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, CONFIG_FILE))
 
 
-def training_state_dir(workdir: str) -> str:
-    """The Orbax state directory of the newest complete step of a training workdir."""
+def training_state_dirs(workdir: str) -> list[tuple[int, str]]:
+    """(step, Orbax state directory) of every complete step of a training workdir, newest
+    first."""
     ckdir = os.path.join(workdir, "checkpoints")
     steps = sorted((int(s) for s in os.listdir(ckdir) if s.isdigit()), reverse=True)
-    for step in steps:
-        d = os.path.join(ckdir, str(step), "state")
-        if os.path.exists(os.path.join(d, "_METADATA")):
+    out = [(s, os.path.join(ckdir, str(s), "state")) for s in steps]
+    return [(s, d) for s, d in out if os.path.exists(os.path.join(d, "_METADATA"))]
+
+
+def training_state_dir(workdir: str) -> str:
+    """The Orbax state directory of the newest step of a training workdir whose files are
+    whole (`integrity.probe`), warning about newer damaged ones."""
+    from dsv2_jax.checkpoint.integrity import probe
+
+    skipped = []
+    for step, d in training_state_dirs(workdir):
+        damage = probe(d)
+        if damage is None:
+            _warn_skipped(workdir, step, skipped)
             return d
+        skipped.append(f"step {step}: {damage}")
+    _raise_none_good(workdir, skipped)
+
+
+def _warn_skipped(workdir: str, step: int, skipped: list[str]) -> None:
+    if skipped:
+        import warnings
+
+        warnings.warn(f"{workdir}: using checkpoint step {step}; newer ones are damaged ("
+                      + "; ".join(skipped) + ")", stacklevel=3)
+
+
+def _raise_none_good(workdir: str, skipped: list[str]):
+    ckdir = os.path.join(workdir, "checkpoints")
+    if skipped:
+        raise CheckpointError(f"{ckdir}: no checkpoint restores (" + "; ".join(skipped) + ")")
     raise CheckpointError(f"{ckdir}: no complete training checkpoint")
 
 
@@ -291,7 +319,7 @@ class OrbaxParams:
                 self._stores[name] = ts.open(spec, open=True, read=True, context=self._context()).result()
             except Exception as e:  # tensorstore raises ValueError / RuntimeError variants
                 raise CheckpointError(f"{self.dir}: cannot open parameter {name!r}: "
-                                      f"{_first_line(e)}") from None
+                                      f"{first_line(e)}") from None
         return self._stores[name]
 
     def shape(self, path: tuple) -> tuple:
@@ -307,17 +335,17 @@ class OrbaxParams:
             raise
         except Exception as e:
             raise CheckpointError(f"{self.dir}: cannot read {param_name(path)}{list(index)}: "
-                                  f"{_first_line(e)}") from None
+                                  f"{first_line(e)}") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The first line of the innermost error behind `e`: Orbax wraps TensorStore's precise
     reason (which file, which parameter, what is wrong) in a generic message whose first
     line names neither."""
     seen = set()
     while id(e) not in seen:
         seen.add(id(e))
-        inner = e.__cause__ or e.__context__
+        inner = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
         if inner is None:
             break
         e = inner
@@ -406,7 +434,7 @@ def restore_params(path: str, abstract_state, prefix: tuple = ()):
     try:
         restored = ckptr.restore(directory, args=args)
     except Exception as e:
-        raise CheckpointError(f"{directory}: Orbax restore failed: {_first_line(e)}") from None
+        raise CheckpointError(f"{directory}: Orbax restore failed: {first_line(e)}") from None
     finally:
         ckptr.close()
 
@@ -423,7 +451,7 @@ def restore_params(path: str, abstract_state, prefix: tuple = ()):
 
 def load_model(path, dtype=None, compute_dtype=None, mesh=None, rules=None, **overrides):
     """A `DeepseekV2ForCausalLM` from a dsv2_jax Orbax checkpoint directory or a training
-    workdir (its newest complete step).
+    workdir (its newest step that restores; damaged newer ones are skipped with a warning).
 
     dtype: parameter dtype (default: the checkpoint's param_dtype); the router stays float32.
     compute_dtype: activation dtype (default: the checkpoint's when no dtype is given, else
@@ -463,30 +491,23 @@ def load_model(path, dtype=None, compute_dtype=None, mesh=None, rules=None, **ov
 
 def _newest_good_params(workdir: str, abs_state):
     """The parameters of a training workdir's newest checkpoint that restores, skipping
-    damaged ones with a warning (as `dsv2 train` falls back on resume; it also moves them
-    aside, which loading for use does not)."""
-    import warnings
+    damaged ones (found by `integrity.probe`, or by the restore failing) with a warning, as
+    `dsv2 train` falls back on resume (it also moves them aside; loading for use does not)."""
+    from dsv2_jax.checkpoint.integrity import is_damage, probe
 
-    from dsv2_jax.train.checkpointing import is_damage
-
-    ckdir = os.path.join(workdir, "checkpoints")
-    steps = sorted((int(s) for s in os.listdir(ckdir) if s.isdigit()), reverse=True)
     skipped = []
-    for step in steps:
-        d = os.path.join(ckdir, str(step), "state")
-        if not os.path.exists(os.path.join(d, "_METADATA")):
-            continue  # not a complete save
-        try:
-            params = restore_params(d, abs_state, TRAIN_PARAMS_PREFIX)
-        except CheckpointError as e:
-            if not is_damage(e):
-                raise
-            skipped.append(f"step {step}: {e}")
+    for step, d in training_state_dirs(workdir):
+        damage = probe(d)
+        if damage is None:
+            try:
+                params = restore_params(d, abs_state, TRAIN_PARAMS_PREFIX)
+            except CheckpointError as e:
+                if not is_damage(e):
+                    raise
+                damage = str(e)
+        if damage is not None:
+            skipped.append(f"step {step}: {damage}")
             continue
-        if skipped:
-            warnings.warn(f"{workdir}: loaded checkpoint step {step}; newer ones are damaged ("
-                          + "; ".join(skipped) + ")", stacklevel=3)
+        _warn_skipped(workdir, step, skipped)
         return params
-    if skipped:
-        raise CheckpointError(f"{ckdir}: no checkpoint restores (" + "; ".join(skipped) + ")")
-    raise CheckpointError(f"{ckdir}: no complete training checkpoint")
+    _raise_none_good(workdir, skipped)

@@ -19,6 +19,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from dsv2_jax.checkpoint.integrity import is_damage, probe
+from dsv2_jax.checkpoint.orbax_io import first_line
 from dsv2_jax.errors import UserError
 
 
@@ -31,28 +33,6 @@ class RestoreFailed(UserError, RuntimeError):
     in place."""
 
 
-# What tensorstore / Orbax / the OS say about files that are missing, cut short or not
-# decodable. Checked against truncated array files, deleted data and manifest files and
-# corrupted metadata (tests/test_multihost.py).
-_DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "No such file", "not found",
-                   "truncat", "corrupt", "Error decoding", "Failed to decode", "Unexpected end",
-                   "JSONDecodeError", "Expecting value", "Expecting property name",
-                   "checksum", "Unterminated string")
-
-
-def is_damage(e: BaseException) -> bool:
-    """True when a restore failed because the checkpoint's files are damaged (missing,
-    truncated, undecodable), as opposed to a transient or environmental failure."""
-    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return True
-    if isinstance(e, (MemoryError, PermissionError, TimeoutError, ConnectionError)):
-        return False
-    if type(e) is OSError:  # EIO and friends: the storage, not the files, may be at fault
-        return False
-    text = f"{type(e).__name__}: {e}"
-    return any(m in text for m in _DAMAGE_MARKERS)
-
-
 def checkpoint_steps(directory: str) -> list[int]:
     """The committed steps under a checkpoints directory, without opening a manager (which
     would create the directory). Unfinished saves are `N.orbax-checkpoint-tmp*` folders."""
@@ -63,19 +43,9 @@ def checkpoint_steps(directory: str) -> list[int]:
 
 
 def unreadable(directory: str, step: int) -> str | None:
-    """Why checkpoint `step` under `directory` cannot be opened, or None: every array of its
-    training state is opened (tree metadata and array metadata; no array data is read), which
-    finds missing or undecodable files in seconds where a restore would read everything. A
-    chunk damaged inside a data file is only found by reading it."""
-    from dsv2_jax.checkpoint import CheckpointError, orbax_io
-
-    try:
-        reader = orbax_io.OrbaxParams(os.path.join(directory, str(step), "state"))
-        for key in list(reader.names):
-            reader.store(key)
-    except CheckpointError as e:
-        return str(e)
-    return None
+    """Why checkpoint `step` under `directory` cannot be restored, or None when its files
+    look whole (`integrity.probe` of its training state: no array data is decompressed)."""
+    return probe(os.path.join(directory, str(step), "state"))
 
 
 def _quiet_orphaned_reads() -> None:
@@ -147,7 +117,7 @@ class TrainCheckpoints:
                 state = restored["state"]
                 jax.block_until_ready(state)
             except Exception as e:  # noqa: BLE001 - judged below
-                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                reason = first_line(e)[:300]
                 if _is_structure_mismatch(e):
                     # The files are fine; the run asks for a differently shaped state.
                     raise CheckpointMismatch(

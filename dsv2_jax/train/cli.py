@@ -98,7 +98,9 @@ def run_train(a) -> int:
     if not args.workdir:
         args = dataclasses.replace(args, workdir=default_workdir(args.config, args.init_from))
     rec = train(args)
-    if rec:
+    import jax
+
+    if rec and jax.process_index() == 0:  # one voice: process 0's
         print(f"done: step {rec['step']} loss {rec['loss']:.4f}; metrics in {args.workdir}/metrics.jsonl")
     return 0
 

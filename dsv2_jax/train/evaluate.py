@@ -12,8 +12,8 @@ from dsv2_jax.train.step import ModelFns, make_eval_step, params_of
 
 
 def load_for_eval(path: str, mesh=None):
-    """(model config, params pure dict, ModelFns) from a training workdir (its newest complete
-    checkpoint), an HF directory or a dsv2 Orbax checkpoint; placed sharded under `mesh`."""
+    """(model config, params pure dict, ModelFns) from a training workdir (its newest
+    checkpoint that restores), an HF directory or a dsv2 Orbax checkpoint; placed sharded under `mesh`."""
     from dsv2_jax import from_pretrained
 
     model = from_pretrained(path, mesh=mesh)

@@ -24,12 +24,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import signal
 import threading
 import time
 
 import jax
+import numpy as np
 
 from dsv2_jax.config import DeepseekV2Config, load_config
 from dsv2_jax.errors import UserError
@@ -41,9 +43,10 @@ from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
 
 # Arguments that define the data stream a checkpointed iterator belongs to.
 _DATA_ARGS = ("data", "seq_len", "batch_size", "seed")
-# Arguments of the schedule and the optimizer's update: a resume may change them (extending a
-# run is common); the change is said and recorded.
-_SCHEDULE_ARGS = ("steps", "lr", "warmup_steps", "schedule", "clip", "weight_decay")
+# Arguments of the schedule, the optimizer's update and the mesh: a resume may change them
+# (extending a run is common, so is moving it to other devices); the change is said and
+# recorded (a mesh with another expert size also changes device-limited routing).
+_SCHEDULE_ARGS = ("steps", "lr", "warmup_steps", "schedule", "clip", "weight_decay", "mesh")
 # Config fields that shape neither the parameters nor the optimizer state and compute the same
 # model (to rounding): a resume may change them, and says so.
 _RESUMABLE_FIELDS = ("remat", "ce_chunk", "scan_unroll", "attn_impl", "moe_backend", "moe_dispatch")
@@ -116,6 +119,13 @@ def _resolve_config(args: TrainArgs, resuming: bool, log=print) -> DeepseekV2Con
                                     f"HF safetensors directory, a dsv2 Orbax checkpoint or a "
                                     f"training workdir)")
             cfg = DeepseekV2Config.from_hf(os.path.join(args.init_from, "config.json"))
+            from dsv2_jax.checkpoint.orbax_io import is_training_workdir
+
+            if not is_training_workdir(args.init_from):
+                # A converted checkpoint records the dtype it is served in (its parameters');
+                # training computes in the default unless --set says otherwise, whichever
+                # form the weights come in. Another training run's choice is kept.
+                cfg = cfg.replace(dtype="float32")
         else:
             cfg = load_config(args.config)
         cfg = cfg.with_overrides(args.set)
@@ -134,8 +144,9 @@ def _resolve_config(args: TrainArgs, resuming: bool, log=print) -> DeepseekV2Con
         diff = [f.name for f in dataclasses.fields(cfg) if getattr(prev, f.name) != getattr(cfg, f.name)]
         fixed = [k for k in diff if k not in _RESUMABLE_FIELDS]
         if fixed:
-            how = ", ".join(f"--master-dtype {prev.param_dtype}" if k == "param_dtype"
-                            else f"--set {k}={json.dumps(getattr(prev, k))}" for k in fixed)
+            how = ", ".join(f"--master-dtype {prev.param_dtype}" if k == "param_dtype" else
+                            "--set " + shlex.quote(f"{k}={json.dumps(getattr(prev, k), separators=(',', ':'))}")
+                            for k in fixed)
             raise TrainingError(
                 f"{args.workdir} holds a run of a different config ("
                 + ", ".join(f"{k}: {getattr(prev, k)!r} there, {getattr(cfg, k)!r} now" for k in fixed)
@@ -176,34 +187,13 @@ def _initial_state(cfg: DeepseekV2Config, args: TrainArgs, tx, abstract_params, 
 
 
 def expert_parallel_config(cfg: DeepseekV2Config, ep: int, log=print) -> DeepseekV2Config:
-    """The config the graph runs with on an `expert` axis of size ep > 1: the ep devices are
-    the device groups of device-limited routing and of the device/communication losses.
+    """`moe.routing.expert_parallel_config`, its refusals as TrainingError."""
+    from dsv2_jax.moe.routing import expert_parallel_config as mapped
 
-    num_device_groups 0 -> ep groups with no per-token limit. Another count D is mapped onto
-    the ep devices, keeping the fraction of devices a token may reach (M of D -> about
-    M * ep / D of ep, at least 1 and at least enough devices to hold K experts), and said in
-    one line. The config saved in the workdir stays the one given."""
-    if ep == 1 or not cfg.n_routed_experts:
-        return cfg
-    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    if E % ep:
-        raise TrainingError(f"--mesh expert={ep}: n_routed_experts={E} is not divisible by {ep}")
-    if cfg.num_device_groups == 0:
-        return cfg.replace(num_device_groups=ep, max_devices_per_token=ep)
-    if cfg.num_device_groups == ep:
-        return cfg
-    D, Mx = cfg.num_device_groups, cfg.max_devices_per_token
-    m = max(1, round(Mx * ep / D))
-    while m < ep and m * (E // ep) < K:
-        m += 1
     try:
-        mapped = cfg.replace(num_device_groups=ep, max_devices_per_token=m)
+        return mapped(cfg, ep, log)
     except ValueError as e:
-        raise TrainingError(f"--mesh expert={ep}: the config's {D} device groups cannot be mapped "
-                            f"onto {ep} expert devices ({e})") from None
-    log(f"device-limited routing over the {ep} expert devices: each token reaches at most {m} of "
-        f"{ep} (the config says {Mx} of {D} groups)")
-    return mapped
+        raise TrainingError(str(e)) from None
 
 
 def _check_args(args: TrainArgs) -> None:
@@ -253,10 +243,10 @@ def _schedule_now(run: dict) -> dict:
     """The schedule arguments in force: the first run's, updated by every recorded change;
     an unset warm-up as the length it took (`warmup_length`)."""
     now = {k: run.get(k) for k in _SCHEDULE_ARGS}
+    if now["warmup_steps"] is None and isinstance(now["steps"], int):
+        now["warmup_steps"] = warmup_length(now["steps"], None)  # the first run's default
     for change in run.get("history", []):
         now.update({k: v["new"] for k, v in change.get("changes", {}).items()})
-    if now["warmup_steps"] is None and isinstance(now["steps"], int):
-        now["warmup_steps"] = warmup_length(now["steps"], None)
     return now
 
 
@@ -338,6 +328,11 @@ def train(args: TrainArgs, log=print) -> dict:
     last_stop = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     if done and done[-1] >= last_stop:
         damage = unreadable(ckdir, done[-1])
+        if jax.process_count() > 1:  # one verdict for all: process 0's
+            from jax.experimental import multihost_utils
+
+            whole = bool(multihost_utils.broadcast_one_to_all(np.int32(damage is None)))
+            damage = None if whole else (damage or "found damaged by process 0")
         if damage is None:
             log(f"{args.workdir}: already at step {done[-1]} of {args.steps}; nothing to do "
                 f"(rerun with a larger --steps to train further)")
@@ -393,7 +388,7 @@ def train(args: TrainArgs, log=print) -> dict:
         else:
             step0, state = 0, _initial_state(cfg, args, tx, params_of(abstract_model), mesh, state_sh)
         if changes:
-            log(f"schedule changed from step {step0}: "
+            log(f"settings changed from step {step0}: "
                 + ", ".join(f"--{k.replace('_', '-')} {v['old']} -> {v['new']}" for k, v in changes.items()))
         # --- the run is accepted: its files (process 0's) ---------------------------------
         if primary:

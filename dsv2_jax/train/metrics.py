@@ -53,7 +53,8 @@ def read_records(path: str):
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            step = rec.get("step") if isinstance(rec, dict) else None
+            if isinstance(step, int) and not isinstance(step, bool):
                 yield line, rec
 
 
@@ -123,9 +124,10 @@ class TensorBoard:
             writer_class = _summary_writer_class()
         except ImportError:
             return
-        # A resumed run recomputes the steps after its checkpoint: TensorBoard hides the
-        # events an earlier process wrote for them (as metrics.jsonl drops their lines).
-        self.writer = writer_class(logdir, purge_step=resume_step + 1 if resume_step else None)
+        # A run recomputes the steps after its checkpoint (all of them when it has none):
+        # TensorBoard hides the events an earlier process wrote for them, as metrics.jsonl
+        # drops their lines.
+        self.writer = writer_class(logdir, purge_step=resume_step + 1)
 
     def write(self, rec: dict) -> None:
         if self.writer is None:
