@@ -294,3 +294,24 @@ def test_sharded_loading_holds_one_block_at_a_time():
     out = json.loads(r.stdout[r.stdout.index("{"):])
     print(out)
     assert out["over_largest_tensor"] < 4, out
+
+
+_ACCUM = """
+import json, sys
+sys.path.insert(0, "scripts")
+from memory_figures import compile_step
+from dsv2_jax import load_config
+cfg = load_config("tiny").replace(vocab_size=8192, hidden_size=256, intermediate_size=768,
+                                  num_hidden_layers=2, dtype="bfloat16", remat="full")
+out = {a: compile_step(cfg, "fsdp=8", 16, 32, grad_accum=a) for a in (1, 2)}
+print(json.dumps({a: m["peak_gb"] for a, m in out.items()}))
+"""
+
+
+def test_grad_accum_keeps_parameters_sharded_across_micro_batches():
+    """Under fsdp the micro-batch loop must gather each parameter where it is used, not once
+    before the loop (XLA hoists a loop-invariant all-gather: every parameter whole, in
+    float32, for the whole step; v2-lite, 2 layers, fsdp=8, 16 x 256 measured 12.98 GB with
+    accumulation against 8.87 without; 9.46 once the loop carries the parameters)."""
+    peak = json.loads(run_python(_ACCUM, 8).strip().splitlines()[-1])
+    assert peak["2"] < 1.15 * peak["1"], peak

@@ -118,13 +118,21 @@ def make_train_step(fns: ModelFns, cfg: DeepseekV2Config, tx: optax.GradientTran
                 lambda a: constrain(a.reshape((-1, grad_accum) + a.shape[1:]).swapaxes(0, 1),
                                     (None, "act_batch") + (None,) * (a.ndim - 1)), batch)
 
+            # The parameters go through the loop as a carry, behind an optimization barrier:
+            # as a loop invariant, XLA hoisted their all-gathers out of the loop, so every
+            # parameter was held whole (float32) for the whole step under fsdp (v2-lite, 2
+            # layers, fsdp=8: 12.98 GB against 8.87 without accumulation; 9.46 GB this way).
+            # The running sum of the gradients keeps the parameters' layout.
             def acc(carry, mb):
-                loss, stats, grads = grads_of(params, mb)
-                return jax.tree.map(jnp.add, carry, (loss, stats, grads)), None
+                p, running = carry
+                p = jax.lax.optimization_barrier(p)
+                loss, stats, grads = grads_of(p, mb)
+                loss, stats, grads = jax.tree.map(jnp.add, running, (loss, stats, grads))
+                return (p, (loss, stats, fns.constrain(grads))), None
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params,
-                                                                 jax.tree.map(lambda a: a[0], micro)))
-            total, _ = jax.lax.scan(acc, zeros, micro)
+            zl, zs, zg = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params,
+                                                                    jax.tree.map(lambda a: a[0], micro)))
+            (_, total), _ = jax.lax.scan(acc, (params, (zl, zs, fns.constrain(zg))), micro)
             loss, stats, grads = jax.tree.map(lambda a: a / grad_accum, total)
             stats["ce_sum"] = stats["ce_sum"] * grad_accum
             stats["tokens"] = stats["tokens"] * grad_accum
