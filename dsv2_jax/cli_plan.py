@@ -19,6 +19,8 @@ def add_cli(sub) -> None:
                    help="device count, needed only when an axis is -1")
     p.add_argument("--batch-size", type=int, required=True, help="global batch, in sequences")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step, as dsv2 train --grad-accum")
     p.add_argument("--device-memory", default="80GB", help="memory of one device (80GB: H100)")
     p.add_argument("--master-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the master weights and the Adam moments")
@@ -41,7 +43,8 @@ def run(args) -> int:
     if args.devices is not None and args.devices < 1:
         raise ValueError(f"--devices must be positive, got {args.devices}")
     plan = make_plan(cfg, args.mesh, args.batch_size, args.seq_len, device_memory=memory,
-                     master_dtype=args.master_dtype, target=args.target, n_devices=args.devices)
+                     master_dtype=args.master_dtype, target=args.target, n_devices=args.devices,
+                     grad_accum=args.grad_accum)
     print(f"{args.config}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.n_routed_experts or 0} routed experts")
     print(format_plan(plan))

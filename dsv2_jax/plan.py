@@ -114,6 +114,7 @@ class Plan:
     details: dict  # term -> {part: bytes} for the terms made of parts
     dispatch: dict  # one MoE layer's expert-dispatch buffers
     traffic: dict  # mesh axis -> bytes one device sends per step
+    grad_accum: int = 1  # micro-batches per step
 
     @property
     def devices(self) -> int:
@@ -311,9 +312,10 @@ def layer_parts(cfg: DeepseekV2Config, kind: str, B: int, T: int, sizes: Mapping
 
 def make_plan(cfg: DeepseekV2Config, mesh: str | Mapping[str, int] | None, batch_size: int,
               seq_len: int, *, device_memory: float = 80 * GB, master_dtype: str = "float32",
-              target: str = "gpu", n_devices: int | None = None) -> Plan:
+              target: str = "gpu", n_devices: int | None = None, grad_accum: int = 1) -> Plan:
     """The plan of a training step: `mesh` a --mesh spec (or {axis: size}), `batch_size`
-    sequences of `seq_len` tokens over the whole mesh."""
+    sequences of `seq_len` tokens over the whole mesh, in `grad_accum` micro-batches (the
+    activations and buffers of one micro-batch, plus the running sum of the gradients)."""
     if target not in TARGETS:
         raise ValueError(f"--target: unknown {target!r}; expected one of {', '.join(TARGETS)}")
     if master_dtype not in ("float32", "bfloat16"):
@@ -332,6 +334,9 @@ def make_plan(cfg: DeepseekV2Config, mesh: str | Mapping[str, int] | None, batch
     if batch_size % shards:
         raise ValueError(f"--batch-size {batch_size} does not divide over the {shards} token "
                          f"shards of the mesh (data x fsdp x expert)")
+    if grad_accum < 1 or (batch_size // shards) % grad_accum:
+        raise ValueError(f"--grad-accum {grad_accum}: the {batch_size // shards} sequence(s) per "
+                         f"token shard do not split into {grad_accum} micro-batches")
     cfg = cfg.replace(param_dtype=master_dtype)
     ep, tp = sizes["expert"], sizes["tensor"]
     if cfg.n_routed_experts and cfg.n_routed_experts % ep:
@@ -342,7 +347,7 @@ def make_plan(cfg: DeepseekV2Config, mesh: str | Mapping[str, int] | None, batch
     params = parameter_table(cfg, sizes)
     c = _DTYPE_BYTES[cfg.dtype]
     t = tg.temp_bytes or c
-    B, T = batch_size // shards, seq_len
+    B, T = batch_size // shards // grad_accum, seq_len
     n, D = B * T, cfg.hidden_size
     segs = cfg.layer_segments()
 
@@ -356,6 +361,8 @@ def make_plan(cfg: DeepseekV2Config, mesh: str | Mapping[str, int] | None, batch
 
     p_bytes = sum(p.stored * p.itemsize for p in params)
     memory = {"parameters": p_bytes, "gradients": p_bytes, "optimizer": 2 * p_bytes}
+    if grad_accum > 1:  # the micro-batches' gradients summed, laid out as the parameters
+        memory["gradient accumulator"] = p_bytes
 
     kinds = {kind for kind, _, _ in segs}
     saved = {k: layer_parts(cfg, k, B, T, sizes, c, tg, working=False) for k in kinds}
@@ -409,9 +416,10 @@ def make_plan(cfg: DeepseekV2Config, mesh: str | Mapping[str, int] | None, batch
     memory["working set"] = sum(working.values())
 
     dispatch = dispatch_buffers(cfg, n, B, ep, c, tg) if cfg.n_routed_experts else {}
+    traffic = {a: v * grad_accum for a, v in step_traffic(cfg, params, sizes, B, T, c, tg).items()}
     return Plan(cfg, sizes, batch_size, seq_len, int(device_memory), target, memory,
-                {"activations": acts, "held": held, "working set": working}, dispatch,
-                step_traffic(cfg, params, sizes, B, T, c, tg))
+                {"activations": acts, "held": held, "working set": working}, dispatch, traffic,
+                grad_accum)
 
 
 def _ring(nbytes: float, n: int) -> float:
@@ -519,7 +527,7 @@ def advice(plan: Plan) -> list[str]:
     for change, kw in _alternatives(plan):
         args = dict(cfg=plan.cfg, mesh=plan.sizes, batch_size=plan.batch_size, seq_len=plan.seq_len,
                     device_memory=plan.device_memory, master_dtype=plan.cfg.param_dtype,
-                    target=plan.target)
+                    target=plan.target, grad_accum=plan.grad_accum)
         args.update(kw)
         try:
             alt = make_plan(args.pop("cfg"), args.pop("mesh"), args.pop("batch_size"),
@@ -546,7 +554,7 @@ def max_batch(cfg: DeepseekV2Config, mesh: str | Mapping[str, int] | None, seq_l
     up to `limit` sequences per token shard; 0 if not even one sequence per token shard
     does."""
     sizes = dict(mesh) if isinstance(mesh, Mapping) else mesh_sizes(mesh, kw.pop("n_devices", None))
-    shards = token_shards(sizes)
+    shards = token_shards(sizes) * kw.get("grad_accum", 1)  # whole micro-batches per shard
     fits = lambda b: make_plan(cfg, sizes, b * shards, seq_len, **kw).fits
     lo, hi = 0, 1
     while hi <= limit and fits(hi):
@@ -564,8 +572,9 @@ def format_plan(plan: Plan) -> str:
     g = lambda x: f"{x / GB:10.2f}"
     lines = [
         f"mesh {_spec(plan.sizes)} ({plan.devices} devices), batch {plan.batch_size} x "
-        f"{plan.seq_len} tokens = {plan.per_shard_batch} sequence(s) per token shard; "
-        f"target {plan.target}",
+        f"{plan.seq_len} tokens = {plan.per_shard_batch} sequence(s) per token shard"
+        + (f" in {plan.grad_accum} micro-batches" if plan.grad_accum > 1 else "")
+        + f"; target {plan.target}",
         f"compute {cfg.dtype}, master {cfg.param_dtype}, remat {cfg.remat}, capacity factor "
         f"{cfg.capacity_factor if cfg.capacity_factor is not None else 'none (dropless)'}",
         "",
@@ -592,9 +601,9 @@ def format_plan(plan: Plan) -> str:
         if plan.sizes[axis] > 1:
             lines.append(f"  {axis + ' (' + str(plan.sizes[axis]) + ')':38s}{g(nbytes)}")
     best = max_batch(cfg, plan.sizes, plan.seq_len, device_memory=plan.device_memory,
-                     master_dtype=cfg.param_dtype, target=plan.target)
+                     master_dtype=cfg.param_dtype, target=plan.target, grad_accum=plan.grad_accum)
     shards = token_shards(plan.sizes)
-    at_least = "at least " if best // shards >= MAX_BATCH_SEARCH else ""  # the search's end
+    at_least = "at least " if best // shards >= MAX_BATCH_SEARCH * plan.grad_accum else ""  # the search's end
     most = (f"largest batch that fits: {at_least}{best} ({best // shards} per token shard)" if best
             else "not even one sequence per token shard fits")
     return "\n".join(lines + [""] + advice(plan) + [most])

@@ -194,3 +194,21 @@ def test_plan_runs_the_routing_training_runs_on_the_expert_axis():
 def test_batch_search_end_is_said():
     text = format_plan(make_plan(load_config("tiny"), "fsdp=2", 64, 32, n_devices=2))
     assert "largest batch that fits: at least 8192 (4096 per token shard)" in text
+
+
+def test_grad_accum_plans_one_micro_batch_and_the_running_gradients():
+    """With --grad-accum A the step holds one micro-batch's activations and buffers plus a
+    running sum of the gradients: the plan is that of batch / A with one more gradient term,
+    and it must divide into whole micro-batches. (Against the compiled step, 2026-12-07,
+    `--target cpu`, A = 2: v2-lite 2 layers fsdp=8 16 x 256 9.12 vs 9.46 GB; the small model
+    on fsdp=2,expert=2,tensor=2 0.166 vs 0.182, on data=8 0.540 vs 0.486.)"""
+    cfg = load_config("v2-lite").replace(dtype="bfloat16", num_hidden_layers=2, remat="full")
+    whole = make_plan(cfg, "fsdp=8", 16, 256)
+    accum = make_plan(cfg, "fsdp=8", 16, 256, grad_accum=2)
+    micro = make_plan(cfg, "fsdp=8", 8, 256)
+    assert accum.memory["gradient accumulator"] == whole.memory["gradients"]
+    assert accum.total == micro.total + accum.memory["gradient accumulator"]
+    assert accum.memory["activations"] < whole.memory["activations"]
+    assert "in 2 micro-batches" in format_plan(accum)
+    with pytest.raises(ValueError, match="micro-batches"):
+        make_plan(cfg, "fsdp=8", 8, 256, grad_accum=2)
