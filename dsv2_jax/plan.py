@@ -147,7 +147,7 @@ def mesh_sizes(spec: str | None, n_devices: int | None = None) -> dict[str, int]
         if "-1" in items:
             raise ValueError(f"--mesh {spec!r}: an axis of -1 needs --devices N")
         n_devices = math.prod(int(n) for n in items if n.isdigit() and int(n) > 0)
-    return parse_mesh(spec, n_devices)
+    return parse_mesh(spec, n_devices, " (--devices)")
 
 
 def token_shards(sizes: Mapping[str, int]) -> int:

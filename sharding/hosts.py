@@ -90,6 +90,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         return True
     cluster = detected_cluster()
     if cluster == "slurm":
+        if "SLURM_STEP_NODELIST" not in os.environ:  # what JAX reads the tasks' nodes from
+            raise ValueError(f"a SLURM allocation of {os.environ.get('SLURM_NTASKS')} tasks, but this "
+                             f"process is not in a job step: run it under srun (as "
+                             f"scripts/launch/slurm_train.sbatch does), or pass --coordinator, "
+                             f"--num-processes and --process-id")
         jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
         return True
     if cluster:

@@ -22,9 +22,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "fsdp", "expert", "tensor")
 
 
-def parse_mesh(spec: str | None, n_devices: int | None = None) -> dict[str, int]:
+def parse_mesh(spec: str | None, n_devices: int | None = None, where: str = "") -> dict[str, int]:
     """'data=4,expert=2' -> {'data': 4, 'fsdp': 1, 'expert': 2, 'tensor': 1}; None or '' ->
-    all devices on data. -1 stands for the devices the other axes leave."""
+    all devices on data. -1 stands for the devices the other axes leave. `where` names the
+    devices in an error (e.g. ' (cpu)')."""
     n_devices = jax.device_count() if n_devices is None else n_devices
     if not spec:
         return {a: (n_devices if a == "data" else 1) for a in AXES}
@@ -57,8 +58,7 @@ def parse_mesh(spec: str | None, n_devices: int | None = None) -> dict[str, int]
         sizes[rest[0]] = n_devices // known
     total = math.prod(sizes.values())
     if total != n_devices:
-        raise ValueError(f"--mesh {spec!r} has {total} devices but {n_devices} are "
-                         f"available ({jax.devices()[0].platform})")
+        raise ValueError(f"--mesh {spec!r} has {total} devices but {n_devices} are available{where}")
     return {a: sizes.get(a, 1) for a in AXES}
 
 
@@ -69,7 +69,7 @@ def _num_slices(devices) -> int:
 def make_mesh(spec: str | None, devices=None) -> Mesh:
     """The (data, fsdp, expert, tensor) mesh of a spec over `devices` (default: all)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = parse_mesh(spec, len(devices))
+    sizes = parse_mesh(spec, len(devices), f" ({devices[0].platform})")
     shape = tuple(sizes[a] for a in AXES)
     types = (AxisType.Auto,) * len(AXES)
     slices = _num_slices(devices)

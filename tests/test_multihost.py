@@ -168,7 +168,8 @@ def test_a_slurm_task_alone_on_its_node_drives_all_its_gpus(monkeypatch):
     seen = {}
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(kw))
-    base = dict(SLURM_JOB_ID="7", SLURM_NTASKS="16", SLURM_TASKS_PER_NODE="1(x16)")
+    base = dict(SLURM_JOB_ID="7", SLURM_NTASKS="16", SLURM_TASKS_PER_NODE="1(x16)",
+                SLURM_STEP_NODELIST="node[1-16]")
     for env, want in ((dict(CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"), list(range(8))),
                       (dict(SLURM_GPUS_ON_NODE="4"), [0, 1, 2, 3]),
                       (dict(SLURM_TASKS_PER_NODE="8(x2)", CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"), None),
@@ -180,3 +181,7 @@ def test_a_slurm_task_alone_on_its_node_drives_all_its_gpus(monkeypatch):
         seen.clear()
         assert hosts.initialize() is True
         assert seen == {"local_device_ids": want}, (env, seen)
+
+    monkeypatch.delenv("SLURM_STEP_NODELIST")  # an allocation's shell, not a job step
+    with pytest.raises(ValueError, match="not in a job step: run it under srun"):
+        hosts.initialize()
