@@ -425,3 +425,78 @@ def test_jsonl_with_a_lone_surrogate_does_not_crash(tmp_path):
                               seed=0, vocab_size=256, process_index=0, process_count=1)
     b = next(it)
     assert b["inputs"].max() < 256 and b["loss_mask"].sum() > 0
+
+
+# ------------------------------------------------------------- review (2026-12-07)
+
+
+def test_empty_files_beside_documents_never_end_a_run(tmp_path):
+    """Empty files are skipped however the epochs' shuffles line them up: a run of them may
+    span the end of one epoch and the start of the next (up to 2 x files - 2 in a row)."""
+    (tmp_path / "a.txt").write_text("some text that is long enough " * 3)
+    for i in range(3):
+        (tmp_path / f"empty{i}.txt").write_text("")
+    for seed in range(6):
+        it = data.make_train_iter(f"text:{tmp_path}/*.txt,tokenizer=bytes,holdout=0", seq_len=16,
+                                  batch_size=2, seed=seed, process_index=0, process_count=1)
+        for _ in range(300):
+            assert next(it)["loss_mask"].sum() > 0
+    for p in tmp_path.glob("a.txt"):
+        p.write_text("")
+    it = data.make_train_iter(f"text:{tmp_path}/*.txt,tokenizer=bytes,holdout=0", seq_len=16,
+                              batch_size=2, seed=0, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="no documents with 2 or more tokens"):
+        next(it)
+
+
+def _word_tokenizer(path, vocab):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
+def test_tokenizer_ids_past_the_vocab_are_refused_even_with_few_tokens(tmp_path):
+    tok = _word_tokenizer(tmp_path / "tokenizer.json", {"[UNK]": 0, "a": 1, "b": 2, "c": 500})
+    (tmp_path / "d.txt").write_text("a b c a b c")
+    with pytest.raises(ValueError, match="token ids up to 500"):
+        data.make_eval_iter(f"text:{tmp_path}/d.txt,tokenizer={tok},eval={tmp_path}/d.txt",
+                            seq_len=4, batch_size=1, vocab_size=64)
+    # a model folder names its tokenizer.json
+    docs, _ = _docs_from_eval(data.make_eval_iter(
+        f"text:{tmp_path}/d.txt,tokenizer={tmp_path},eval={tmp_path}/d.txt", seq_len=8,
+        batch_size=1, vocab_size=501))
+    assert docs == [[1, 2, 500, 1, 2, 500]]
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        data.parse_spec(f"text:{tmp_path}/d.txt,tokenizer={tmp_path / 'empty_dir'}")
+
+
+def test_bad_files_are_refused_in_one_line_naming_them(tmp_path):
+    np.savez(tmp_path / "z.npz", a=np.arange(5))
+    it = data.make_eval_iter(f"npy:{tmp_path}/z.npz,eval={tmp_path}/z.npz", seq_len=4, batch_size=1)
+    with pytest.raises(ValueError, match=r"z.npz: expected a 1-D integer array .* .npz archive"):
+        next(iter(it))
+    (tmp_path / "l.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    it = data.make_eval_iter(f"jsonl:{tmp_path}/l.jsonl,tokenizer=bytes,eval={tmp_path}/l.jsonl",
+                             seq_len=4, batch_size=1)
+    with pytest.raises(ValueError, match=r"l.jsonl:2: not UTF-8 text"):
+        next(iter(it))
+    with pytest.raises(ValueError, match="held-out split is empty"):
+        data.make_eval_iter(f"jsonl:{tmp_path}/l.jsonl,tokenizer=bytes,holdout=0", seq_len=4,
+                            batch_size=1)
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+    name = os.fsdecode(b"caf\xe9.txt")
+    try:
+        (tmp_path / name).write_text("hello world, hello again " * 4)
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("this file system refuses non-UTF-8 names")
+    for i in range(9):
+        (tmp_path / f"ok{i}.txt").write_text("plain text, long enough to train on " * 2)
+    it = data.make_train_iter(f"text:{tmp_path}/*.txt,tokenizer=bytes,holdout=0.3", seq_len=8,
+                              batch_size=1, seed=0, process_index=0, process_count=1)
+    assert next(it)["loss_mask"].sum() > 0

@@ -103,6 +103,15 @@ def test_help_lists_defaults(cmd, capsys):
             assert want in " ".join(out.split()), want
 
 
+def test_eval_refuses_bad_flags_before_loading_a_model(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-model")  # loading it would fail with another message
+    for flag in ("--batch-size", "--seq-len", "--max-batches"):
+        assert cli_main(["eval", "--model", missing, flag, "0"]) == 1
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", missing, "--data", "jsonl:x.jsonl"]) == 1
+    assert "needs tokenizer=" in capsys.readouterr().err
+
+
 def test_info_uses_units_that_fit(capsys):
     assert cli_main(["info", "tiny"]) == 0
     out = capsys.readouterr().out

@@ -152,7 +152,13 @@ def parse_spec(spec: str) -> DataSpec:
         )
     if tokenizer not in (None, "bytes"):
         tokenizer = os.path.expanduser(tokenizer)
-        if not os.path.isfile(tokenizer):
+        if os.path.isdir(tokenizer):  # a model folder: its tokenizer.json
+            inside = os.path.join(tokenizer, "tokenizer.json")
+            if not os.path.isfile(inside):
+                raise ValueError(f"data spec {spec!r}: tokenizer folder {tokenizer!r} has no "
+                                 f"tokenizer.json")
+            tokenizer = inside
+        elif not os.path.isfile(tokenizer):
             raise ValueError(f"data spec {spec!r}: tokenizer file {tokenizer!r} does not exist")
 
     return DataSpec(
@@ -174,7 +180,8 @@ def _is_held_out(key: str, fraction: float) -> bool:
     """Deterministic, machine-independent split decision for one document key."""
     if fraction <= 0.0:
         return False
-    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    # surrogateescape: a file name that is not UTF-8 keeps its own bytes
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()[:8], "little")
     return h < fraction * 2.0**64
 
 
@@ -248,11 +255,12 @@ class _Corpus:
                 self._tok = Tokenizer.from_file(spec.tokenizer)
             except Exception as e:  # tokenizers raises a plain Exception
                 raise ValueError(f"cannot load tokenizer {spec.tokenizer!r}: {e}") from None
-            n = self._tok.get_vocab_size(with_added_tokens=True)
-            if vocab_size is not None and n > vocab_size:
+            ids = self._tok.get_vocab(with_added_tokens=True).values()
+            top = max(ids, default=-1)
+            if vocab_size is not None and top >= vocab_size:
                 raise ValueError(
-                    f"tokenizer {spec.tokenizer!r} has {n} tokens but the model "
-                    f"vocab_size is {vocab_size}"
+                    f"tokenizer {spec.tokenizer!r} has token ids up to {top} ({len(ids)} tokens) "
+                    f"but the model vocab_size is {vocab_size}"
                 )
 
         if spec.kind == "stdlib":
@@ -337,8 +345,12 @@ class _Corpus:
     def _read_jsonl(self, path: str, held_out: bool):
         rel = self.key(path)
         keys, texts = [], []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e})") from None
                 if not line.strip():
                     continue
                 key = f"{rel}:{lineno}"
@@ -366,6 +378,10 @@ class _Corpus:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:
             raise ValueError(f"{path}: cannot read as .npy ({e})") from None
+        if not isinstance(arr, np.ndarray):  # an .npz archive: several arrays, not one
+            arr.close()
+            raise ValueError(f"{path}: expected a 1-D integer array of token ids (.npy), got an "
+                             f".npz archive")
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(
                 f"{path}: expected a 1-D integer array of token ids, got "
@@ -520,8 +536,11 @@ class _PieceMixIterator(grain.DatasetIterator):
                     self._pieces[k] = pieces
                     empty_run = 0
                 else:
+                    # Each epoch is every file once, so a corpus with any document has at
+                    # most 2 * epoch - 2 empty files in a row (the end of one epoch and the
+                    # start of the next); 2 * epoch - 1 in a row holds a whole empty epoch.
                     empty_run += 1
-                    if empty_run >= self._epoch:
+                    if empty_run >= 2 * self._epoch - 1:
                         raise ValueError(f"{self._what}: no documents with 2 or more tokens")
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -711,7 +730,7 @@ def make_eval_iter(
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
     parsed = parse_spec(spec)
     corpus = _Corpus(parsed, vocab_size, spec)
-    if not corpus.eval_files:
+    if not corpus.eval_files or (corpus.split_docs and parsed.holdout <= 0):
         raise ValueError(
             f"data {spec!r}: the held-out split is empty (holdout={parsed.holdout}); "
             "use a larger holdout= or eval=GLOB"

@@ -30,8 +30,9 @@ def evaluate(model_path: str, data: str, *, batch_size: int = 8, seq_len: int = 
     import contextlib
 
     from dsv2_jax.sharding import hosts
-    from dsv2_jax.train.data import make_eval_iter
+    from dsv2_jax.train.data import make_eval_iter, parse_spec
 
+    parse_spec(data)  # a malformed SPEC is refused before the model loads
     hosts.initialize(coordinator, num_processes, process_id)
     place = jnp.asarray
     mesh_obj = None
