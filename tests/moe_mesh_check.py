@@ -107,8 +107,10 @@ def batch(B=8, T=16, seed=0):
             "segment_ids": np.ones((B, T), np.int32), "loss_mask": np.ones((B, T), np.int32)}
 
 
-def capacity_case(spec, factor=0.6):
-    """The training loss with dropping on the mesh == one device simulating its token shards."""
+def capacity_case(spec, factor=0.6, B=None, T=16):
+    """The training loss with dropping on the mesh == one device simulating its token shards
+    (B sequences, by default two per shard; a B that does not divide leaves each shard parts
+    of sequences)."""
     mesh = make_mesh(spec)
     sizes = dict(mesh.shape)
     ep = sizes["expert"]
@@ -119,7 +121,7 @@ def capacity_case(spec, factor=0.6):
 
     model = DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(params=4))
     fns, params = ModelFns.from_model(model), params_of(model)
-    data = batch(B=2 * shards)
+    data = batch(B=B or 2 * shards, T=T)
 
     def vg(p, b):
         (loss, stats), grads = jax.value_and_grad(lambda p: loss_and_stats(fns, cfg, p, b), has_aux=True)(p)
@@ -128,7 +130,7 @@ def capacity_case(spec, factor=0.6):
     with simulate_token_shards(shards):
         l1, s1, g1 = jax.jit(vg)(params, data)
     p_m = jax.device_put(params, param_shardings(model, mesh))
-    b_m = jax.device_put(data, batch_sharding(mesh))
+    b_m = jax.device_put(data, batch_sharding(mesh)) if len(data["inputs"]) % shards == 0 else data
     with jax.set_mesh(mesh):
         l2, s2, g2 = jax.jit(vg)(p_m, b_m)
     err = {"loss": rel(l2, l1), "grads": tree_rel(g2, g1)}
@@ -187,12 +189,14 @@ def layer_cases():
     layer_case("expert=4,data=2", ragged=True, skew=True)
     layer_case("data=8", train=False)
     layer_case("data=2,expert=4", B=2, T=7)     # 14 tokens over 8 shards: padded
+    layer_case("data=2,expert=4", B=1, T=7)     # padded to 8 tokens, as many as the experts
 
 
 def capacity_cases():
     capacity_case("data=2,expert=4")
     capacity_case("expert=8", factor=1.0)
     capacity_case("fsdp=4,tensor=2")           # simulated device groups, no expert axis
+    capacity_case("data=2,expert=4", B=20, T=2)  # 5 tokens a shard, parts of sequences
 
 
 def work_cases():

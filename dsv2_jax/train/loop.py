@@ -318,6 +318,11 @@ def train(args: TrainArgs, log=print) -> dict:
     if args.batch_size % n_batch_shards or args.batch_size % jax.process_count():
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {n_batch_shards} "
                             f"data-parallel devices and {jax.process_count()} processes")
+    micro = args.batch_size // args.grad_accum
+    if micro % n_batch_shards:  # each device's share of a micro-batch: whole sequences
+        raise TrainingError(f"--batch-size {args.batch_size} / --grad-accum {args.grad_accum} = {micro} "
+                            f"sequences per micro-batch is not divisible by the {n_batch_shards} "
+                            f"data-parallel devices")
     ckdir = os.path.join(args.workdir, "checkpoints")
     done = checkpoint_steps(ckdir)
     given_cfg = _resolve_config(args, resuming=bool(done), log=log)
