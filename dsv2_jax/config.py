@@ -277,6 +277,14 @@ class DeepseekV2Config:
                         bad("max_devices_per_token", f"with topk_group={tg} of n_group={g} and {m} of "
                             f"{d} device groups, as few as {least} experts remain, fewer than "
                             f"num_experts_per_tok={k}")
+        for f in ("aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha"):
+            a = getattr(self, f)
+            if not isinstance(a, (int, float)) or not 0.0 <= a < math.inf:
+                bad(f, f"a balance loss weight must be >= 0, got {a!r}")
+        if self.max_devices_per_token and not self.num_device_groups:
+            bad("max_devices_per_token", f"{self.max_devices_per_token} needs num_device_groups, the "
+                f"groups it limits (on a mesh, the expert devices: set num_device_groups to the "
+                f"expert axis size)")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             bad("capacity_factor", f"must be null or positive, got {self.capacity_factor}")
         if not 0.0 <= self.never_drop_fraction <= 1.0:
@@ -286,8 +294,12 @@ class DeepseekV2Config:
             bad("rope_scaling", f"unknown rope type {rt!r}; expected one of {_ROPE_TYPES}")
         if rt == "yarn":
             for key in ("factor", "original_max_position_embeddings"):
-                if key not in self.rope_scaling:
-                    bad("rope_scaling", f"yarn needs {key!r}")
+                v = self.rope_scaling.get(key)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                    bad("rope_scaling", f"yarn needs a positive {key!r}, got {v!r}")
+            if not isinstance(self.rope_scaling.get("truncate", True), bool):
+                bad("rope_scaling", f"'truncate' must be true or false, got "
+                    f"{self.rope_scaling['truncate']!r}")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in _DTYPES:
                 bad(f, f"unknown dtype {getattr(self, f)!r}; expected one of {_DTYPES}")

@@ -17,12 +17,15 @@ import numpy as np
 from dsv2_jax.config import DeepseekV2Config
 
 
-def _yarn_correction_range(beta_fast, beta_slow, dim, base, original_max_pos):
+def _yarn_correction_range(beta_fast, beta_slow, dim, base, original_max_pos, truncate=True):
+    """The ramp's ends (rotary dimensions); rounded outwards to whole dimensions unless the
+    config says `truncate: false`."""
     def corr_dim(n_rot):
         return (dim * math.log(original_max_pos / (n_rot * 2 * math.pi))) / (2 * math.log(base))
 
-    low = math.floor(corr_dim(beta_fast))
-    high = math.ceil(corr_dim(beta_slow))
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
     return max(low, 0), min(high, dim - 1)
 
 
@@ -39,7 +42,7 @@ def inv_freq(cfg: DeepseekV2Config) -> np.ndarray:
     interp = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
     low, high = _yarn_correction_range(
         rs.get("beta_fast") or 32, rs.get("beta_slow") or 1, dim, base,
-        rs["original_max_position_embeddings"])
+        rs["original_max_position_embeddings"], rs.get("truncate", True))
     if low == high:
         high += 0.001
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low))

@@ -135,6 +135,12 @@ INVALID = [
     (dict(attention_bias=True), "attention_bias"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(rope_scaling={"type": "yarn", "original_max_position_embeddings": 16}), "rope_scaling"),
+    # transformers' DeepseekV2 cannot run a null factor either (its softmax scale needs one)
+    (dict(rope_scaling={"type": "yarn", "factor": None, "original_max_position_embeddings": 16}),
+     "rope_scaling"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                        "truncate": "no"}), "rope_scaling"),
+    (dict(aux_loss_alpha=-0.001), "aux_loss_alpha"),
     (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "rope_scaling"),
     (dict(model_type="deepseek_v3"), "model_type"),
 ]
@@ -144,6 +150,16 @@ INVALID = [
 def test_invalid_combinations_name_the_field(kw, field):
     with pytest.raises(ValueError, match=rf"DeepseekV2Config\.{field}\b"):
         DeepseekV2Config.from_hf(_official_dict(**kw))
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(comm_aux_loss_alpha=-0.02), "comm_aux_loss_alpha"),
+    (dict(device_aux_loss_alpha=float("inf")), "device_aux_loss_alpha"),
+    (dict(max_devices_per_token=3), "max_devices_per_token"),  # with no device groups to limit
+])
+def test_invalid_training_fields_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=rf"DeepseekV2Config\.{field}\b"):
+        load_config("v2-lite").replace(**kw)
 
 
 def test_invalid_rope_type_names_the_type():

@@ -39,6 +39,12 @@ def test_yarn_beyond_original_context(tmp_path):
     _check(tmp_path, kw, seq=40, seed=3)
 
 
+def test_yarn_without_truncation(tmp_path):
+    """`truncate: false` keeps the ramp's ends unrounded (it moved logits by ~1 when ignored)."""
+    kw = dict(ref.V2, qk_rope_head_dim=32, rope_parameters=dict(ref.YARN, truncate=False))
+    _check(tmp_path, kw, seq=40, seed=6)
+
+
 def test_official_config_json(tmp_path):
     kw = dict(ref.V2, rope_parameters=dict(ref.YARN, mscale=0.707))
     _check(tmp_path, kw, seq=23, seed=4, official=True)

@@ -90,6 +90,18 @@ def test_balance_losses_are_one_when_perfectly_balanced():
     assert math.isclose(float(got["device"]), 1.0, rel_tol=1e-6)
 
 
+def test_comm_loss_counts_at_most_k_devices_per_token():
+    """A token reaches at most K device groups, so a limit M above K (the mesh mapping gives
+    M = the expert axis when the config sets no limit) normalises by K: balanced sends give
+    a communication loss of 1, not K / M."""
+    E, K, D = 8, 2, 4
+    cfg = _cfg(n_routed_experts=E, num_experts_per_tok=K, num_device_groups=D, max_devices_per_token=D)
+    idx = np.array([[0, 2], [4, 6], [1, 5], [3, 7]])  # every token to two groups, each group 2x
+    scores = np.full((4, E), 1 / E, np.float32)
+    got = balance_losses(_router_out(scores, idx), cfg, 1)
+    assert math.isclose(float(got["comm"]), 1.0, rel_tol=1e-6), float(got["comm"])
+
+
 def test_token_dropping_drops_lowest_affinity_rows_and_spares_protected():
     """A row is one token sent to one device group (all its experts there); each group takes
     `capacity` rows; over it the rows with the lowest summed score on that group go."""

@@ -23,8 +23,9 @@ def balance_losses(r: RouterOutput, cfg: DeepseekV2Config, batch: int, n_groups:
     T counts the real (non-padding) tokens of one sequence (seq_aux) or of the whole batch;
     padding tokens count nowhere. The choices counted are the router's top-K before any
     dropping. D device groups default to
-    cfg.num_device_groups (0: device and comm losses are 0); M defaults to
-    cfg.max_devices_per_token, else min(K, D).
+    cfg.num_device_groups (0: device and comm losses are 0); M is the most groups a token
+    can reach: cfg.max_devices_per_token (else D), and never more than K, since a token's K
+    experts lie in at most K groups (so f'' = 1 on every group when the sends are balanced).
     """
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     D = n_groups if n_groups is not None else cfg.num_device_groups
@@ -38,7 +39,7 @@ def balance_losses(r: RouterOutput, cfg: DeepseekV2Config, batch: int, n_groups:
     P = scores.sum(axis=1) / T
     out = {"expert": jnp.mean(jnp.sum(f * P, axis=-1))}
     if D:
-        M = max_groups_per_token or cfg.max_devices_per_token or min(K, D)
+        M = min(max_groups_per_token or cfg.max_devices_per_token or D, K)
         fd = f.reshape(lanes, D, E // D).mean(-1)
         Pd = P.reshape(lanes, D, E // D).sum(-1)
         sent = chosen.reshape(lanes, chosen.shape[1], D, E // D).max(-1)  # [lanes, S, D] 0/1
