@@ -45,6 +45,13 @@ def test_yarn_without_truncation(tmp_path):
     _check(tmp_path, kw, seq=40, seed=6)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # torch, building it
+def test_no_shared_experts(tmp_path):
+    """n_shared_experts = 0: transformers writes empty shared-expert tensors, which load as
+    nothing (they were refused as unexpected)."""
+    _check(tmp_path, dict(ref.V2, n_shared_experts=0), seq=9, seed=7)
+
+
 def test_official_config_json(tmp_path):
     kw = dict(ref.V2, rope_parameters=dict(ref.YARN, mscale=0.707))
     _check(tmp_path, kw, seq=23, seed=4, official=True)

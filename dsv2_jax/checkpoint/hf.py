@@ -11,6 +11,7 @@ permuted.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import jax.numpy as jnp
@@ -111,7 +112,10 @@ def check_tensors(src: SafetensorsDir, entries: list[Entry], allow_fp8: bool = F
     present = set(src.keys())
     scale_inv = {n for n in present if n.endswith(".weight_scale_inv")}
     missing = sorted(expected - present)
-    unexpected = sorted(present - expected - (scale_inv if allow_fp8 else set()))
+    # Tensors of no elements carry nothing: transformers writes empty shared experts for
+    # n_shared_experts = 0 (shapes (0, D) and (D, 0)), which this model does not build.
+    unexpected = sorted(n for n in present - expected - (scale_inv if allow_fp8 else set())
+                        if math.prod(src.shape(n)))
     if missing:
         raise CheckpointError(f"{src.path}: missing tensor {missing[0]!r}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
