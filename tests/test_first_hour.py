@@ -78,6 +78,12 @@ def test_readme_mesh_example_runs_on_the_shipped_preset(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "each token reaches at most 1 of 2 (the config says 2 of 4 groups)" in r.stdout
     assert "mesh expert=2 over 2 cpu device(s)" in r.stdout
+    # a micro-batch must give every token shard whole sequences
+    r = subprocess.run(cmd[:-8] + ["--workdir", str(tmp_path / "ga"), "--steps", "2", "--batch-size", "2",
+                                   "--grad-accum", "2", "--seq-len", "32"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "1 sequences per micro-batch is not divisible by the 2" in r.stderr, \
+        r.stderr[-2000:]
 
 
 def test_default_workdir_is_named_after_the_config():
