@@ -7,7 +7,7 @@ def add_cli(sub) -> None:
     p = sub.add_parser("info", help="print a config's shape and parameter counts",
                        formatter_class=HelpFormatter)
     p.add_argument("config", help="preset (tiny, bench, v2-lite, v2) or config.json path")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config fields")
     p.set_defaults(func=run)
 
 

@@ -26,7 +26,7 @@ def add_cli(sub) -> None:
                    help="dtype of the master weights and the Adam moments")
     p.add_argument("--target", default="gpu", choices=["gpu", "tpu", "cpu"],
                    help="the compiler's habits to count (cpu: XLA:CPU's, what the tests measure)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config fields (e.g. dtype=bfloat16 remat=full capacity_factor=1.0)")
     p.set_defaults(func=run)
 

@@ -68,6 +68,15 @@ def test_rerun_of_a_finished_run_says_nothing_to_do(tmp_path, capsys):
     assert _snapshot(wd) == before
 
 
+def test_device_losses_without_device_groups_are_said_to_be_zero(tmp_path, capsys):
+    args = ["train", "--workdir", str(tmp_path / "run"), "--steps", "1", *SMALL, "--set",
+            "num_device_groups=0", "max_devices_per_token=0", "comm_aux_loss_alpha=0.02"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "there are no device groups" in out
+    assert "model tiny (538.43K parameters" in out  # 2 layers: a second --set adds to the first
+
+
 def test_readme_mesh_example_runs_on_the_shipped_preset(tmp_path):
     """tiny ships num_device_groups=4, max_devices_per_token=2; on expert=2 the devices are the
     groups: 2 of 4 becomes 1 of 2, said in one line."""

@@ -31,7 +31,7 @@ def add_cli(sub) -> None:
                    help="start from these weights and their config: an HF safetensors directory, "
                         "a dsv2 Orbax checkpoint (dsv2 convert --to orbax) or a training workdir "
                         "(its newest checkpoint)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config fields (values parsed as JSON)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=None,

@@ -327,6 +327,10 @@ def train(args: TrainArgs, log=print) -> dict:
     done = checkpoint_steps(ckdir)
     given_cfg = _resolve_config(args, resuming=bool(done), log=log)
     cfg = expert_parallel_config(given_cfg, mesh.shape["expert"], log)
+    if cfg.n_routed_experts and not cfg.num_device_groups and (
+            cfg.device_aux_loss_alpha or cfg.comm_aux_loss_alpha):
+        log("device_aux_loss_alpha / comm_aux_loss_alpha are set but there are no device groups "
+            "(num_device_groups 0, no expert axis): those losses are 0")
     first_run = _check_resume(args, resuming=bool(done))
     args = _keep_warmup(first_run, args)
     changes = _schedule_changes(first_run, args)
