@@ -496,7 +496,23 @@ def add_cli(sub) -> None:
     p.set_defaults(func=main)
 
 
+def check_args(a) -> None:
+    """Every refusal before minutes of timing."""
+    bad = sorted(set(a.only.split(",")) - set(ROWS)) if a.only is not None else []
+    if bad or a.only == "":
+        raise ValueError(f"--only: unknown row(s) {', '.join(map(repr, bad or ['']))}; expected a "
+                         f"comma-separated subset of {','.join(ROWS)}")
+    for flag, v in (("--rounds", a.rounds), ("--steps", a.steps), ("--new", a.new)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    folder = os.path.dirname(os.path.abspath(a.doc))
+    if not a.no_doc and not a.quick and not os.path.isdir(folder):
+        raise ValueError(f"--doc {a.doc}: no folder {folder} to write into (run from the checkout, "
+                         f"or give --doc PATH or --no-doc)")
+
+
 def main(a) -> int:
+    check_args(a)
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401

@@ -59,6 +59,14 @@ def main(argv=None) -> int:
             raise
         print(f"dsv2: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # the backend's out-of-memory, in one line with what would help
+        if "RESOURCE_EXHAUSTED" not in str(e) or os.environ.get("DSV2_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0][:300]
+        print(f"dsv2: error: out of memory ({first}); try a smaller --batch-size or --seq-len, "
+              f"more devices (--mesh fsdp=N), --set remat=full, or size the step with `dsv2 plan`",
+              file=sys.stderr)
+        return 1
 
 
 def console() -> int:

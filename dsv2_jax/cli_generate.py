@@ -8,8 +8,9 @@ steps would print in bursts of k and cost a dispatch (and a cache round trip) pe
 
 Tokenizer, in order: DIR/tokenizer.json; for a training workdir, the tokenizer its run.json
 data spec names (`tokenizer=PATH`, or byte-level for `stdlib` / `tokenizer=bytes`); byte-level
-for any model with vocab_size 256 (what the built-in corpus trains: token = UTF-8 byte). With
-none, `--prompt` is refused and the output is printed as ids. A `--prompt` starts with the
+for any model with vocab_size 256 (what the built-in corpus trains: token = UTF-8 byte);
+`--tokenizer PATH` overrides them. With none, `--prompt` is refused and the output is printed
+as ids; a run whose data tokenizer is not found from here is refused (not read as bytes). A `--prompt` starts with the
 config's bos_token_id where DIR/tokenizer_config.json says `"add_bos_token": true` (as the
 DeepSeek-V2 releases do and HF tokenizers honour); `--ids` are used exactly as given.
 """
@@ -33,6 +34,8 @@ def add_cli(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs DIR/tokenizer.json or a byte-level model)")
     src.add_argument("--ids", help="prompt token ids, comma-separated: 1,2,3")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json for --prompt (default: the model's, see above)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
@@ -100,9 +103,17 @@ def load_tokenizer(model_dir: str, vocab_size: int):
 
         try:
             with open(run_json) as f:
-                spec = parse_spec(json.load(f).get("data"))
-        except (ValueError, OSError):
-            spec = None  # e.g. its tokenizer file has moved: fall through
+                data = json.load(f).get("data")
+        except (ValueError, OSError, AttributeError):
+            data = None  # unreadable: as if absent
+        spec = None
+        if isinstance(data, str):
+            try:
+                spec = parse_spec(data)
+            except ValueError as e:  # its tokenizer has moved (or a relative path from elsewhere)
+                raise ValueError(f"{model_dir} was trained on --data {data!r}, whose tokenizer is not "
+                                 f"found from here ({e}); give --tokenizer PATH, copy it to "
+                                 f"{path}, or give --ids") from None
         if spec is not None and (spec.kind == "stdlib" or spec.tokenizer == "bytes"):
             return ByteTokenizer()
         if spec is not None and spec.tokenizer:
@@ -160,7 +171,15 @@ def run(a) -> int:
 
     model = from_pretrained(a.model)
     cfg = model.cfg
-    tok = load_tokenizer(a.model, cfg.vocab_size)
+    if a.tokenizer:
+        tok = FileTokenizer(os.path.expanduser(a.tokenizer))
+    else:
+        try:
+            tok = load_tokenizer(a.model, cfg.vocab_size)
+        except ValueError:
+            if ids is None:  # a --prompt needs it
+                raise
+            tok = None  # --ids: the output is printed as ids
     if ids is None:
         if tok is None:
             raise ValueError(f"{a.model}: no tokenizer.json and vocab_size {cfg.vocab_size} is not "

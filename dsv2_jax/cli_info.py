@@ -17,8 +17,9 @@ def run(args) -> int:
 
     cfg = load_config(args.config).with_overrides(args.set)
     total, active = count_params(cfg)
-    print(f"{args.config}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})")
+    mlp = (f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})"
+           if cfg.n_routed_experts else "dense (no routed experts)")
+    print(f"{args.config}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {mlp}")
     print(f"total parameters:  {total:,} ({human_count(total)})")
     print(f"active per token:  {active:,} ({human_count(active)}, input embedding excluded)")
     return 0

@@ -119,6 +119,9 @@ class DeepseekV2Config:
         if self.topk_method == "gready":  # the official code's default is spelled so
             object.__setattr__(self, "topk_method", "greedy")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, Mapping):
+                raise ValueError(f"DeepseekV2Config.rope_scaling: an object (or null), got "
+                                 f"{self.rope_scaling!r}")
             rs = dict(self.rope_scaling)
             if "rope_type" in rs and "type" not in rs:
                 rs["type"] = rs.pop("rope_type")
@@ -209,10 +212,16 @@ class DeepseekV2Config:
             bad("eos_token_id", f"expected null, an integer or a non-empty list of integers, got {eos!r}")
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim",
-                  "moe_layer_freq"):
+                  "moe_layer_freq", "max_position_embeddings"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f, f"must be a positive integer, got {v!r}")
+        for f, least, strict in (("rms_norm_eps", 0.0, True), ("routed_scaling_factor", 0.0, True),
+                                 ("initializer_range", 0.0, False), ("rope_theta", 0.0, True)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                    (v > least if strict else v >= least) and v < math.inf):
+                bad(f, f"must be {'positive' if strict else '>= 0'} and finite, got {v!r}")
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
         if self.hidden_size % self.num_attention_heads:
@@ -344,6 +353,8 @@ class DeepseekV2Config:
                 raise FileNotFoundError(f"{path}: no such config.json") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(raw, dict):
+                raise ValueError(f"{path}: a config is a JSON object, got {type(raw).__name__}")
         mt = raw.get("model_type", "deepseek_v2")
         if mt != "deepseek_v2":
             raise ValueError(f"DeepseekV2Config.model_type: expected 'deepseek_v2', got {mt!r}")
@@ -406,6 +417,8 @@ class DeepseekV2Config:
             k = k.strip()
             if k not in names:
                 raise ValueError(f"--set {k}: not a DeepseekV2Config field")
+            if k in kw:
+                raise ValueError(f"--set {k}: given twice")
             try:
                 kw[k] = json.loads(v)
             except json.JSONDecodeError:

@@ -133,6 +133,10 @@ def host_env(environ) -> tuple[dict | None, list[str]]:
     setting that cannot apply): `malloc_env` and `huge_page_env` together, so that the command
     re-runs at most once."""
     notes = []
+    value = environ.get("DSV2_HUGE_PAGES", "").strip().lower()
+    if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+        notes.append(f"DSV2_HUGE_PAGES={environ['DSV2_HUGE_PAGES']!r} not understood (1/0, "
+                     f"true/false, yes/no, on/off): off")
     m_env, why = malloc_env(environ)
     if why:
         notes.append(why)

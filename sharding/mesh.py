@@ -23,9 +23,11 @@ AXES = ("data", "fsdp", "expert", "tensor")
 
 
 def parse_mesh(spec: str | None, n_devices: int | None = None, where: str = "") -> dict[str, int]:
-    """'data=4,expert=2' -> {'data': 4, 'fsdp': 1, 'expert': 2, 'tensor': 1}; None or '' ->
-    all devices on data. -1 stands for the devices the other axes leave. `where` names the
+    """'data=4,expert=2' -> {'data': 4, 'fsdp': 1, 'expert': 2, 'tensor': 1}; None -> all
+    devices on data. -1 stands for the devices the other axes leave. `where` names the
     devices in an error (e.g. ' (cpu)')."""
+    if spec is not None and not spec.strip():
+        raise ValueError("--mesh '': empty; give axis=n,... or leave --mesh out for all devices on data")
     n_devices = jax.device_count() if n_devices is None else n_devices
     if not spec:
         return {a: (n_devices if a == "data" else 1) for a in AXES}
@@ -33,7 +35,7 @@ def parse_mesh(spec: str | None, n_devices: int | None = None, where: str = "") 
     for item in spec.split(","):
         item = item.strip()
         if not item:
-            continue
+            raise ValueError(f"--mesh {spec!r}: an empty entry; expected axis=n,... (e.g. fsdp=4,expert=2)")
         name, _, n = item.partition("=")
         name = name.strip()
         if name not in AXES:

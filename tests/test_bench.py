@@ -131,3 +131,14 @@ def test_isolated_sides_run_in_their_own_workers_and_report_failures():
         assert not hasattr(sides.ours, "_proc")
         sides.theirs.prepare("p", "prefill", B=1, T=8)
         assert sides.theirs.time("p") > 0
+
+
+def test_bad_bench_arguments_are_refused_before_timing(tmp_path, capsys):
+    from dsv2_jax.cli import main as cli_main
+
+    for args, words in ((["--quick", "--only", "trian"], "unknown row(s) 'trian'"),
+                        (["--rounds", "0"], "--rounds must be >= 1"),
+                        (["--new", "-5", "--no-doc"], "--new must be >= 1"),
+                        (["--doc", str(tmp_path / "no" / "such.md")], "no folder")):
+        assert cli_main(["bench", *args]) == 1
+        assert words in capsys.readouterr().err

@@ -68,6 +68,38 @@ def test_rerun_of_a_finished_run_says_nothing_to_do(tmp_path, capsys):
     assert _snapshot(wd) == before
 
 
+def test_a_resume_keeps_the_settings_the_command_does_not_give(tmp_path, capsys):
+    """`dsv2 train --workdir W --steps N` extends W's run with its own learning rate, schedule,
+    batch and model (they fell back to the defaults, and a different batch was refused)."""
+    import json
+
+    wd = str(tmp_path / "run")
+    assert cli_main(["train", "--workdir", wd, "--steps", "1", *SMALL, "--lr", "0.001",
+                     "--schedule", "constant", "--clip", "0.5"]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", "--workdir", wd, "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with the run's --seq-len 32, --batch-size 2, --lr 0.001" in out
+    assert "settings changed from step 1: --steps 1 -> 2\n" in out
+    with open(os.path.join(wd, "run.json")) as f:
+        run = json.load(f)
+    assert run["history"] == [{"step": 1, "changes": {"steps": {"old": 1, "new": 2}}}]
+    assert "given" not in run
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        assert abs([json.loads(line)["lr"] for line in f][-1] - 1e-3) < 1e-9  # constant, not cosine
+
+
+def test_optimizer_flags_and_init_from_with_config_are_refused(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    for flag, value in (("--lr", "-1"), ("--weight-decay", "-5"), ("--warmup-steps", "-3"),
+                        ("--clip", "-1"), ("--peak-tflops", "0"), ("--lr", "inf")):
+        assert cli_main(["train", "--workdir", wd, flag, value]) == 1
+        assert flag in capsys.readouterr().err
+    assert cli_main(["train", "--workdir", wd, "--init-from", str(tmp_path), "--config", "v2"]) == 1
+    assert "--config and --init-from both name the model" in capsys.readouterr().err
+    assert not os.path.exists(wd)
+
+
 def test_device_losses_without_device_groups_are_said_to_be_zero(tmp_path, capsys):
     args = ["train", "--workdir", str(tmp_path / "run"), "--steps", "1", *SMALL, "--set",
             "num_device_groups=0", "max_devices_per_token=0", "comm_aux_loss_alpha=0.02"]
@@ -152,3 +184,63 @@ def test_plot_has_losses_lr_and_load(tmp_path):
     out = plot(str(wd))
     assert os.path.getsize(out) > 1000
     assert smooth([1.0, 1.0, float("nan"), 1.0]) == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_malformed_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    """Found by a review (2026-12-07): each of these ended in a traceback, was silently
+    dropped, or wrote elsewhere than it said."""
+    import json
+
+    from dsv2_jax.sharding.mesh import parse_mesh
+    from dsv2_jax.train.plot import plot
+
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cases = [
+        (["info", str(tmp_path / "list.json")], "a config is a JSON object, got list"),
+        (["info", "tiny", "--set", "rope_scaling=5"], "rope_scaling: an object (or null)"),
+        (["info", "tiny", "--set", "hidden_size=64", "hidden_size=32"], "--set hidden_size: given twice"),
+        (["info", "tiny", "--set", "rms_norm_eps=-1"], "rms_norm_eps: must be positive"),
+        (["train", "--workdir", str(tmp_path / "w"), "--seq-len", "5000"],
+         "--seq-len 5000 exceeds the model's max_position_embeddings 4096"),
+        (["convert", str(tmp_path), str(tmp_path / "o"), "--to", "hf", "--shard-size", "0"], None),
+        (["train", "--workdir", "gs://bucket/runs/x"], "mount the bucket"),
+    ]
+    for argv, words in cases:
+        if words is None:  # argparse's own refusal: exit 2
+            with pytest.raises(SystemExit) as e:
+                cli_main(argv)
+            assert e.value.code == 2 and "a shard size must be positive" in capsys.readouterr().err
+            continue
+        assert cli_main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (argv, err)
+    for spec in ("", "fsdp=2,,tensor=1"):
+        with pytest.raises(ValueError, match="empty"):
+            parse_mesh(spec, 2)
+    (tmp_path / "dense.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    assert cli_main(["info", str(tmp_path / "dense.json")]) == 0
+    assert "dense (no routed experts)" in capsys.readouterr().out
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "lr": 1e-3}) + "\n")
+    assert plot(str(wd), str(tmp_path / "myplot")) == str(tmp_path / "myplot.png")
+    assert os.path.exists(tmp_path / "myplot.png")
+
+
+def test_out_of_memory_is_one_line_with_what_would_help(monkeypatch, capsys):
+    import jax
+
+    from dsv2_jax import cli
+
+    def oom(_args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 687294747248 "
+                                         "bytes.\nmore lines of backend detail")
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["info", "tiny"])
+    args.func = oom
+    monkeypatch.setattr(cli, "build_parser", lambda: type("P", (), {"parse_args": lambda self, a: args})())
+    assert cli.main(["info", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dsv2: error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating")
+    assert "dsv2 plan" in err and len(err.strip().splitlines()) == 1

@@ -578,3 +578,27 @@ def test_generate_under_the_training_mesh_gives_the_one_device_tokens():
     r = subprocess.run([sys.executable, os.path.join(here, "generate_mesh_check.py")], env=env,
                        capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(here))
     assert r.returncode == 0 and "all ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_a_run_keeps_its_tokenizer_and_a_lost_one_is_refused(tmp_path):
+    """Training copies the data's tokenizer.json into the workdir; a workdir whose run.json
+    names a tokenizer not found from here is refused for --prompt (it was read as bytes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dsv2_jax.cli_generate import FileTokenizer, load_tokenizer
+    from dsv2_jax.train.loop import _keep_tokenizer
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = f"text:{tmp_path}/*.txt,tokenizer={tmp_path}/tok/tokenizer.json"
+    _keep_tokenizer(spec, str(run))
+    assert isinstance(load_tokenizer(str(run), 256), FileTokenizer)
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    (lost / "run.json").write_text(json.dumps({"data": "text:x/*.txt,tokenizer=gone/tokenizer.json"}))
+    with pytest.raises(ValueError, match="whose tokenizer is not found from here.*--tokenizer"):
+        load_tokenizer(str(lost), 256)

@@ -156,3 +156,11 @@ def test_reexec_really_preloads_the_allocator():
     assert len([line for line in res.stdout.split("\n") if line.startswith("run ")]) == 1
     assert "preload None" in res.stdout
     assert res.stderr.strip().endswith("dsv2: DSV2_MALLOC=/nonexistent/libtcmalloc.so: no such file")
+
+
+def test_a_huge_pages_value_not_understood_is_said():
+    from dsv2_jax.host_memory import host_env
+
+    env, notes = host_env({"DSV2_HUGE_PAGES": "maybe"})
+    assert env is None and any("DSV2_HUGE_PAGES='maybe' not understood" in n for n in notes)
+    assert host_env({"DSV2_HUGE_PAGES": "off"})[1] == []

@@ -526,9 +526,12 @@ def _size_arg(s: str) -> int:
     import argparse
 
     try:
-        return parse_size(s)
+        n = parse_size(s)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{s!r}: a shard size must be positive")
+    return n
 
 
 def _one_line(e: BaseException) -> str:

@@ -14,36 +14,40 @@ def add_cli(sub) -> None:
     p = sub.add_parser("train", help="train (or resume training) a DeepSeek-V2", formatter_class=fmt,
                        description="Rerunning the same command on the same --workdir resumes from "
                                    "its newest good checkpoint.")
-    p.add_argument("--config", default=d.config, help="preset (tiny, bench, v2-lite, v2) or config.json path")
+    p.add_argument("--config", default=None,
+                   help=f"preset (tiny, bench, v2-lite, v2) or config.json path (default: {d.config}); "
+                        f"not with --init-from, which brings its own")
     p.add_argument("--workdir", default=None,
                    help="run directory (default: runs/<config name>, or runs/<--init-from name>)")
-    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps of the run")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, in sequences")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=None, help=f"total optimizer steps of the run{_kept(d.steps)}")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch, in sequences{_kept(d.batch_size)}")
+    p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence{_kept(d.seq_len)}")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="save a checkpoint every this many steps (and at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="newest checkpoints kept")
     p.add_argument("--mesh", default=None,
-                   help="axis=n,... over data,fsdp,expert,tensor (default: all devices on data)")
-    p.add_argument("--data", default=d.data, help="data SPEC (see docs/data.md)")
+                   help="axis=n,... over data,fsdp,expert,tensor (default: all devices on data; a "
+                        "resume keeps the run's)")
+    p.add_argument("--data", default=None, help=f"data SPEC (see docs/data.md){_kept(d.data)}")
     p.add_argument("--init-from", default=None,
                    help="start from these weights and their config: an HF safetensors directory, "
                         "a dsv2 Orbax checkpoint (dsv2 convert --to orbax) or a training workdir "
                         "(its newest checkpoint)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config fields (values parsed as JSON)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate{_kept(d.lr)}")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warm-up steps (default: min(2000, steps/10))")
-    p.add_argument("--schedule", default=d.schedule, choices=["step", "cosine", "constant"],
+                   help="linear warm-up steps (default: min(2000, steps/10); a resume keeps the run's)")
+    p.add_argument("--schedule", default=None, choices=["step", "cosine", "constant"],
                    help="after warm-up: step (x0.316 at 60%% and 90%% of training, the paper's), "
-                        "cosine or constant")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--clip", type=float, default=d.clip, help="global gradient-norm clip (0: off)")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                   help="micro-batches per step, their gradients averaged")
-    p.add_argument("--seed", type=int, default=d.seed, help="initialisation and data-order seed")
+                        f"cosine or constant{_kept(d.schedule)}")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay{_kept(d.weight_decay)}")
+    p.add_argument("--clip", type=float, default=None, help=f"global gradient-norm clip, 0: off{_kept(d.clip)}")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help=f"micro-batches per step, their gradients averaged{_kept(d.grad_accum)}")
+    p.add_argument("--seed", type=int, default=None, help=f"initialisation and data-order seed{_kept(d.seed)}")
     p.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite,
                    help="stop after this many consecutive non-finite steps")
     p.add_argument("--master-dtype", default=None, choices=["float32", "bfloat16"],
@@ -81,6 +85,10 @@ def add_cli(sub) -> None:
     pl.set_defaults(func=run_plot)
 
 
+def _kept(default) -> str:
+    return f" (default: {default}); a resume keeps the run's"
+
+
 def _add_process_flags(p) -> None:
     g = p.add_argument_group("multi-process runs (detected on TPU pods and under SLURM)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
@@ -94,12 +102,25 @@ def run_train(a) -> int:
 
     from dsv2_jax.train.loop import TrainArgs, default_workdir, train
 
-    args = TrainArgs(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainArgs)})
+    fields = [f.name for f in dataclasses.fields(TrainArgs) if f.name != "given"]
+    given = frozenset(k for k in fields if getattr(a, k) is not None)
+    d = TrainArgs()
+    args = TrainArgs(**{k: getattr(d, k) if getattr(a, k) is None else getattr(a, k) for k in fields},
+                     given=given)
     if not args.workdir:
         args = dataclasses.replace(args, workdir=default_workdir(args.config, args.init_from))
     rec = train(args)
     import jax
 
+    if rec and rec.get("stopped_by"):
+        # not finished: a non-zero status (128 + the signal, as a shell reports it) lets a
+        # wrapper or scheduler tell it from a completed run
+        import signal
+
+        if jax.process_index() == 0:
+            print(f"stopped by {rec['stopped_by']} at step {rec['step']} of {args.steps}; rerun the "
+                  f"same command to resume")
+        return 128 + int(getattr(signal, rec["stopped_by"]))
     if rec and jax.process_index() == 0:  # one voice: process 0's
         print(f"done: step {rec['step']} loss {rec['loss']:.4f}; metrics in {args.workdir}/metrics.jsonl")
     return 0

@@ -49,6 +49,9 @@ def evaluate(model_path: str, data: str, *, batch_size: int = 8, seq_len: int = 
         # Every process holds the same batch; each device takes its rows.
         place = lambda v: jax.make_array_from_callback(v.shape, bsh, lambda idx: v[idx])
     cfg, params, fns = load_for_eval(model_path, mesh_obj)
+    if seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
     step = jit_forward(make_eval_step(fns, cfg))
     ce_sum, tokens, nbytes = 0.0, 0.0, 0
     bar = _EvalProgress(max_batches, enabled=progress and hosts.is_primary())

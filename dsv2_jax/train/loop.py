@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shlex
 import shutil
@@ -46,7 +47,11 @@ _DATA_ARGS = ("data", "seq_len", "batch_size", "seed")
 # Arguments of the schedule, the optimizer's update and the mesh: a resume may change them
 # (extending a run is common, so is moving it to other devices); the change is said and
 # recorded (a mesh with another expert size also changes device-limited routing).
-_SCHEDULE_ARGS = ("steps", "lr", "warmup_steps", "schedule", "clip", "weight_decay", "mesh")
+_SCHEDULE_ARGS = ("steps", "lr", "warmup_steps", "schedule", "clip", "weight_decay", "mesh",
+                  "grad_accum")
+# What a resume takes from the run when the command does not give it (`TrainArgs.given`):
+# rerunning with only a larger --steps continues the same run, not one with default settings.
+_KEPT_ON_RESUME = _DATA_ARGS + _SCHEDULE_ARGS
 # Config fields that shape neither the parameters nor the optimizer state and compute the same
 # model (to rounding): a resume may change them, and says so.
 _RESUMABLE_FIELDS = ("remat", "ce_chunk", "scan_unroll", "attn_impl", "moe_backend", "moe_dispatch")
@@ -86,6 +91,9 @@ class TrainArgs:
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    # The fields the command gave (the CLI sets it): a resume takes the others of
+    # _KEPT_ON_RESUME from the run. None: every field counts as given (the Python API).
+    given: frozenset | None = None
 
 
 def _quiet(*_args, **_kw) -> None:
@@ -112,6 +120,12 @@ def _resolve_config(args: TrainArgs, resuming: bool, log=print) -> DeepseekV2Con
     """The run's config; `resuming` (the workdir holds checkpoints): checked against the
     config the workdir was trained with."""
     saved = os.path.join(args.workdir, "config.json")
+    if (resuming and args.given is not None and os.path.exists(saved) and not args.init_from
+            and not ({"config", "master_dtype"} & args.given) and not args.set):
+        try:  # a resume naming no model: the workdir's own
+            return DeepseekV2Config.from_hf(saved)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
     try:
         if args.init_from:
             if not os.path.isdir(args.init_from):
@@ -201,6 +215,15 @@ def _check_args(args: TrainArgs) -> None:
                  "grad_accum", "log_every", "max_nonfinite"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, least in (("lr", 0.0), ("weight_decay", 0.0), ("clip", 0.0), ("warmup_steps", 0)):
+        v = getattr(args, name)
+        if v is not None and not least <= v < math.inf:
+            raise TrainingError(f"{_flag(name)} must be >= 0 and finite, got {v}")
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
+        raise TrainingError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if args.init_from and args.given is not None and "config" in args.given:
+        raise TrainingError("--config and --init-from both name the model: --init-from brings its "
+                            "own config (change its fields with --set)")
     if args.batch_size % args.grad_accum:
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if args.schedule not in ("step", "cosine", "constant"):
@@ -208,12 +231,9 @@ def _check_args(args: TrainArgs) -> None:
     _parse_profile_steps(args.profile_steps, 0)
 
 
-def _check_resume(args: TrainArgs, resuming: bool) -> dict | None:
-    """The workdir's run.json when it holds checkpoints (`resuming`), refusing a resume that
-    changes the data stream or the process count (each process's data shard would change).
-    Without checkpoints nothing was trained: the run starts afresh whatever run.json says."""
-    run_json = os.path.join(args.workdir, "run.json")
-    if not resuming or not os.path.exists(run_json):
+def _read_run(workdir: str) -> dict | None:
+    run_json = os.path.join(workdir, "run.json")
+    if not os.path.exists(run_json):
         return None
     try:
         with open(run_json) as f:
@@ -223,6 +243,41 @@ def _check_resume(args: TrainArgs, resuming: bool) -> dict | None:
     except ValueError as e:
         raise TrainingError(f"{run_json}: unreadable ({e}); it records how the run was started, "
                             f"so the run cannot be resumed safely without it") from None
+    return first
+
+
+def _flag(k: str) -> str:
+    return "--" + k.replace("_", "-")
+
+
+def _keep_run_settings(args: TrainArgs, log=print) -> TrainArgs:
+    """On a resume, every setting of _KEPT_ON_RESUME the command did not give is the run's
+    (the first run's, updated by its recorded changes), and said."""
+    if args.given is None or not checkpoint_steps(os.path.join(args.workdir, "checkpoints")):
+        return args
+    run = _read_run(args.workdir)
+    if run is None:
+        return args
+    now = {**{k: run[k] for k in _DATA_ARGS if k in run}, **_schedule_now(run)}
+    kept = {k: now[k] for k in _KEPT_ON_RESUME
+            if k not in args.given and k in now and (now[k] is not None or k in ("mesh", "warmup_steps"))}
+    moved = {k: v for k, v in kept.items() if v != getattr(args, k)}
+    if moved:
+        log("resuming with the run's " + ", ".join(f"{_flag(k)} {v}" for k, v in moved.items()))
+    if "config" not in args.given and isinstance(run.get("config"), str):
+        kept["config"] = run["config"]  # its name, for the log (the model is the workdir's)
+    return dataclasses.replace(args, **kept)
+
+
+def _check_resume(args: TrainArgs, resuming: bool) -> dict | None:
+    """The workdir's run.json when it holds checkpoints (`resuming`), refusing a resume that
+    changes the data stream or the process count (each process's data shard would change).
+    Without checkpoints nothing was trained: the run starts afresh whatever run.json says."""
+    if not resuming:
+        return None
+    first = _read_run(args.workdir)
+    if first is None:
+        return None
     # The saved data-iterator state only means something for the same data stream.
     changed = [k for k in _DATA_ARGS if k in first and first[k] != getattr(args, k)]
     if changed:
@@ -271,6 +326,19 @@ def _schedule_changes(run: dict | None, args: TrainArgs) -> dict:
             if now[k] != getattr(args, k)}
 
 
+def _keep_tokenizer(data: str, workdir: str) -> None:
+    """The data's tokenizer.json, copied into the workdir (where `dsv2 generate` and `dsv2
+    convert --to hf` look first): the run stays usable when the data moves or is named by a
+    relative path."""
+    from dsv2_jax.train.data import parse_spec
+
+    tok = parse_spec(data).tokenizer
+    dst = os.path.join(workdir, "tokenizer.json")
+    if tok not in (None, "bytes") and not os.path.exists(dst):
+        shutil.copyfile(tok, f"{dst}.tmp{os.getpid()}")
+        os.replace(f"{dst}.tmp{os.getpid()}", dst)
+
+
 def _write_json(path: str, obj) -> None:
     """Whole or not at all: other processes may read it while it is rewritten."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -309,6 +377,10 @@ def train(args: TrainArgs, log=print) -> dict:
     if not args.workdir:
         args = dataclasses.replace(args, workdir=default_workdir(args.config, args.init_from))
     # --- everything that can refuse the run, before any file is written ---------------
+    if "://" in args.workdir:
+        raise TrainingError(f"--workdir {args.workdir}: a URL; the run writes plain files (config, "
+                            f"metrics) there: mount the bucket (e.g. gcsfuse) and pass the mount path")
+    args = _keep_run_settings(args, log)
     _check_args(args)
     try:
         mesh = make_mesh(args.mesh)
@@ -326,6 +398,10 @@ def train(args: TrainArgs, log=print) -> dict:
     ckdir = os.path.join(args.workdir, "checkpoints")
     done = checkpoint_steps(ckdir)
     given_cfg = _resolve_config(args, resuming=bool(done), log=log)
+    if args.seq_len > given_cfg.max_position_embeddings:
+        raise TrainingError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                            f"{given_cfg.max_position_embeddings} (--set max_position_embeddings=N "
+                            f"raises it; with YaRN, mind its factor)")
     cfg = expert_parallel_config(given_cfg, mesh.shape["expert"], log)
     if cfg.n_routed_experts and not cfg.num_device_groups and (
             cfg.device_aux_loss_alpha or cfg.comm_aux_loss_alpha):
@@ -403,10 +479,11 @@ def train(args: TrainArgs, log=print) -> dict:
         if primary:
             os.makedirs(args.workdir, exist_ok=True)
             given_cfg.save(os.path.join(args.workdir, "config.json"))
+            _keep_tokenizer(args.data, args.workdir)
             run_json = os.path.join(args.workdir, "run.json")
             if first_run is None:
-                _write_json(run_json, dict(dataclasses.asdict(args), process_count=jax.process_count(),
-                                           history=[]))
+                record = {k: v for k, v in dataclasses.asdict(args).items() if k != "given"}
+                _write_json(run_json, dict(record, process_count=jax.process_count(), history=[]))
             elif changes:
                 first_run.setdefault("history", []).append({"step": step0, "changes": changes})
                 _write_json(run_json, first_run)
@@ -553,6 +630,8 @@ def _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter,
                 break
         if pending:
             rec = record(*pending)
+        if interrupted and rec:  # for the caller (not metrics.jsonl): the run is not finished
+            rec = dict(rec, stopped_by=interrupted[0])
     finally:
         batches.close()
         if tracing:

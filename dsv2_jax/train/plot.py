@@ -75,6 +75,10 @@ def plot(workdir: str, out: str | None = None) -> str:
     fig.suptitle(os.path.basename(os.path.abspath(workdir)))
     fig.tight_layout()
     out = out or os.path.join(workdir, "metrics.png")
+    if os.path.isdir(out):
+        out = os.path.join(out, "metrics.png")
+    elif not os.path.splitext(out)[1]:
+        out += ".png"  # what the figure writer would name it: say the real name
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -3,12 +3,13 @@
 #
 #   scripts/launch/tpu_pod.sh TPU_NAME ZONE [dsv2 train arguments...]
 #   scripts/launch/tpu_pod.sh my-v5p-128 us-east5-a --config v2-lite --mesh fsdp=16,expert=4 \
-#       --workdir gs://bucket/runs/v2-lite --data "jsonl:/data/*.jsonl,tokenizer=/data/tok.json"
+#       --workdir /mnt/bucket/runs/v2-lite --data "jsonl:/data/*.jsonl,tokenizer=/data/tok.json"
 #
 # Each worker joins the run by itself (dsv2 detects the TPU pod: no --coordinator flags),
 # so the only requirements are the same code, data paths and workdir on every worker: the
-# workdir on a shared filesystem or bucket that Orbax can write from all hosts. Process 0
-# writes config.json, run.json and metrics.jsonl.
+# workdir a directory every host can write, e.g. a bucket mounted at the same path on each
+# worker (gcsfuse) or a shared filesystem; a gs:// URL is refused. Process 0 writes
+# config.json, run.json and metrics.jsonl.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   sed -n 2,12p "$0"; exit 2
