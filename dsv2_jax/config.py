@@ -417,12 +417,13 @@ class DeepseekV2Config:
             k = k.strip()
             if k not in names:
                 raise ValueError(f"--set {k}: not a DeepseekV2Config field")
-            if k in kw:
-                raise ValueError(f"--set {k}: given twice")
             try:
-                kw[k] = json.loads(v)
+                value = json.loads(v)
             except json.JSONDecodeError:
-                kw[k] = v
+                value = v
+            if k in kw and kw[k] != value:
+                raise ValueError(f"--set {k}: given twice, as {kw[k]!r} and {value!r}")
+            kw[k] = value
         return self.replace(**kw)
 
 

@@ -198,7 +198,7 @@ def test_malformed_input_is_one_line_not_a_traceback(tmp_path, capsys):
     cases = [
         (["info", str(tmp_path / "list.json")], "a config is a JSON object, got list"),
         (["info", "tiny", "--set", "rope_scaling=5"], "rope_scaling: an object (or null)"),
-        (["info", "tiny", "--set", "hidden_size=64", "hidden_size=32"], "--set hidden_size: given twice"),
+        (["info", "tiny", "--set", "hidden_size=64", "hidden_size=32"], "--set hidden_size: given twice, as 64 and 32"),
         (["info", "tiny", "--set", "rms_norm_eps=-1"], "rms_norm_eps: must be positive"),
         (["train", "--workdir", str(tmp_path / "w"), "--seq-len", "5000"],
          "--seq-len 5000 exceeds the model's max_position_embeddings 4096"),
