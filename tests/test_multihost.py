@@ -1,7 +1,8 @@
 """Multi-process runs: two local processes (jax.distributed on 127.0.0.1, CPU collectives,
 4 simulated devices each) train with fsdp and expert axes, save, resume on another mesh
 shape, and give the losses of one process with 8 devices; only process 0 writes the run
-files. Resume checks (process count, schedule changes) and which restore failures
+files. `dsv2 eval` over two processes gives one process's figures. Resume checks (process
+count, schedule changes) and which restore failures
 quarantine a checkpoint."""
 
 import json
@@ -78,6 +79,27 @@ def test_two_processes_equal_one_process_and_resume_on_another_mesh(tmp_path):
                        env=cpu_env(8), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 1 and "trained by 2 process(es), this run has 1" in r.stderr
     assert "Traceback" not in r.stderr
+    # `dsv2 eval` over the same two processes gives one process's figures, said once.
+    ev = ["eval", "--model", str(two), "--batch-size", "8", "--seq-len", "32", "--max-batches", "2"]
+    single = subprocess.run([sys.executable, "-m", "dsv2_jax.cli", *ev], env=cpu_env(1), cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "dsv2_jax.cli", *ev, "--mesh", "data=8",
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(pid)], env=cpu_env(4), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    def figures(out):  # loss, perplexity, bits/byte (summed over 8 shards: equal to rounding)
+        (line,) = [s for s in out.splitlines() if s.startswith("loss ")]
+        w = line.split()
+        return [float(w[1]), float(w[3]), float(w[5])], line.split("(")[1]
+
+    (f1, counts1), (f2, counts2) = figures(single.stdout), figures(outs[0][0])
+    np.testing.assert_allclose(f2, f1, rtol=5e-5)
+    assert counts2 == counts1  # the same tokens and bytes
+    assert "loss " not in outs[1][0]
 
 
 def test_a_changed_schedule_is_said_recorded_and_followed(tmp_path):

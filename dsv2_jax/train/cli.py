@@ -136,6 +136,10 @@ def run_eval(a) -> int:
     res = evaluate(a.model, a.data, batch_size=a.batch_size, seq_len=a.seq_len, max_batches=a.max_batches,
                    mesh=a.mesh, coordinator=a.coordinator, num_processes=a.num_processes,
                    process_id=a.process_id)
+    import jax
+
+    if jax.process_index():  # one voice: process 0's (every process has the same figures)
+        return 0
     bpb = "n/a (no byte counts)" if res["bits_per_byte"] is None else f"{res['bits_per_byte']:.4f}"
     print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
           f"bits/byte {bpb}  ({res['tokens']} tokens, {res['bytes']} bytes)")
