@@ -216,11 +216,14 @@ class DeepseekV2Config:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f, f"must be a positive integer, got {v!r}")
-        for f, least, strict in (("rms_norm_eps", 0.0, True), ("routed_scaling_factor", 0.0, True),
-                                 ("initializer_range", 0.0, False), ("rope_theta", 0.0, True)):
+        # (field, must be > 0; else >= 0); the balance-loss weights may be 0, never negative
+        for f, strict in (("rms_norm_eps", True), ("routed_scaling_factor", True),
+                          ("initializer_range", False), ("rope_theta", True),
+                          ("aux_loss_alpha", False), ("device_aux_loss_alpha", False),
+                          ("comm_aux_loss_alpha", False)):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
-                    (v > least if strict else v >= least) and v < math.inf):
+                    (v > 0 if strict else v >= 0) and v < math.inf):
                 bad(f, f"must be {'positive' if strict else '>= 0'} and finite, got {v!r}")
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
@@ -286,10 +289,6 @@ class DeepseekV2Config:
                         bad("max_devices_per_token", f"with topk_group={tg} of n_group={g} and {m} of "
                             f"{d} device groups, as few as {least} experts remain, fewer than "
                             f"num_experts_per_tok={k}")
-        for f in ("aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha"):
-            a = getattr(self, f)
-            if not isinstance(a, (int, float)) or not 0.0 <= a < math.inf:
-                bad(f, f"a balance loss weight must be >= 0, got {a!r}")
         if self.max_devices_per_token and not self.num_device_groups:
             bad("max_devices_per_token", f"{self.max_devices_per_token} needs num_device_groups, the "
                 f"groups it limits (on a mesh, the expert devices: set num_device_groups to the "

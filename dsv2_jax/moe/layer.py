@@ -56,6 +56,13 @@ def simulate_token_shards(n: int):
         _SIMULATED_SHARDS.reset(token)
 
 
+def _sequences_per_shard(batch: int, shards: int) -> int:
+    """Whole sequences on each of `shards` token shards; a shard holding parts of sequences
+    counts its tokens as one (no protected sequences there, `never_drop_tokens`). When the
+    batch divides, so do its tokens: no padding then."""
+    return batch // shards if batch % shards == 0 else 1
+
+
 def _mesh_sizes(mesh) -> dict:
     return {} if mesh.empty else {a: int(n) for a, n in dict(mesh.shape).items()}
 
@@ -85,8 +92,8 @@ def routed_moe(x, valid, router_kernel, w_gate, w_up, w_down, cfg: DeepseekV2Con
         # Stacks are cast per window as they are read, one layer's experts here.
         w = ((w_gate, w_up, w_down) if layer is not None else
              (w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype)))
-        spec = ShardSpec(cfg, train, batch // n if batch % n == 0 else 1, backend, "fixed", None,
-                         1, (), None)
+        spec = ShardSpec(cfg, train, _sequences_per_shard(batch, n), backend, "fixed", None, 1, (),
+                         None)
         if n == 1:
             return shard_forward(x, valid, router_kernel, *w, spec, layer=layer)
         N = x.shape[0]
@@ -106,10 +113,7 @@ def routed_moe(x, valid, router_kernel, w_gate, w_up, w_down, cfg: DeepseekV2Con
     if pad:  # padding tokens are never sent nor counted
         x = jnp.pad(x, ((0, pad), (0, 0)))
         valid = jnp.pad(valid, (0, pad))
-    # Sequences per token shard; a shard holding parts of sequences counts its tokens as one
-    # (no protected sequences there, `never_drop_tokens`).
-    local_batch = batch // shards if batch % shards == 0 and not pad else 1
-    spec = ShardSpec(cfg, train, local_batch, backend, a2a_flavor(cfg, dropping),
+    spec = ShardSpec(cfg, train, _sequences_per_shard(batch, shards), backend, a2a_flavor(cfg, dropping),
                      "expert" if ep > 1 else None, ep, token_axes, tensor)
     r_spec, _, r_gather = storage_split(("embed", "router"), router_kernel.shape, mesh)
     w_spec, _, w_gather = storage_split(EXPERT_AXES, w_gate.shape, mesh)
