@@ -252,19 +252,25 @@ def _flag(k: str) -> str:
 
 def _keep_run_settings(args: TrainArgs, log=print) -> TrainArgs:
     """On a resume, every setting of _KEPT_ON_RESUME the command did not give is the run's
-    (the first run's, updated by its recorded changes), and said."""
-    if args.given is None or not checkpoint_steps(os.path.join(args.workdir, "checkpoints")):
+    (the first run's, updated by its recorded changes), and said. Through the Python API
+    (`given` None) every field counts as given but an unset warm-up: extending --steps must
+    not lengthen a warm-up that is over and send the learning rate back into it."""
+    if not checkpoint_steps(os.path.join(args.workdir, "checkpoints")):
         return args
     run = _read_run(args.workdir)
     if run is None:
         return args
+    given = args.given
+    if given is None:
+        given = frozenset(f.name for f in dataclasses.fields(args)
+                          if not (f.name == "warmup_steps" and args.warmup_steps is None))
     now = {**{k: run[k] for k in _DATA_ARGS if k in run}, **_schedule_now(run)}
     kept = {k: now[k] for k in _KEPT_ON_RESUME
-            if k not in args.given and k in now and (now[k] is not None or k in ("mesh", "warmup_steps"))}
+            if k not in given and k in now and (now[k] is not None or k in ("mesh", "warmup_steps"))}
     moved = {k: v for k, v in kept.items() if v != getattr(args, k)}
     if moved:
         log("resuming with the run's " + ", ".join(f"{_flag(k)} {v}" for k, v in moved.items()))
-    if "config" not in args.given and isinstance(run.get("config"), str):
+    if "config" not in given and isinstance(run.get("config"), str):
         kept["config"] = run["config"]  # its name, for the log (the model is the workdir's)
     return dataclasses.replace(args, **kept)
 
@@ -308,14 +314,6 @@ def _schedule_now(run: dict) -> dict:
 def warmup_length(steps: int, warmup_steps: int | None) -> int:
     """--warmup-steps, or by default a tenth of the steps, at most 2000."""
     return warmup_steps if warmup_steps is not None else min(2000, steps // 10)
-
-
-def _keep_warmup(run: dict | None, args: TrainArgs) -> TrainArgs:
-    """A resume without --warmup-steps keeps the warm-up in force (extending --steps must not
-    lengthen a warm-up that is over and send the learning rate back into it)."""
-    if run is None or args.warmup_steps is not None:
-        return args
-    return dataclasses.replace(args, warmup_steps=_schedule_now(run)["warmup_steps"])
 
 
 def _schedule_changes(run: dict | None, args: TrainArgs) -> dict:
@@ -408,7 +406,6 @@ def train(args: TrainArgs, log=print) -> dict:
         log("device_aux_loss_alpha / comm_aux_loss_alpha are set but there are no device groups "
             "(num_device_groups 0, no expert axis): those losses are 0")
     first_run = _check_resume(args, resuming=bool(done))
-    args = _keep_warmup(first_run, args)
     changes = _schedule_changes(first_run, args)
     last_stop = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     if done and done[-1] >= last_stop:
