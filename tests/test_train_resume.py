@@ -180,3 +180,52 @@ def test_a_profile_range_past_the_last_step_is_closed_and_said(tmp_path):
     logs = []
     train(TrainArgs(workdir=wd, steps=4, checkpoint_every=4, profile_steps="1:2", **SMALL), log=logs.append)
     assert any("outside the steps this run trains (4..4); no trace" in s for s in logs), logs
+
+
+def _unraisable(obj, exc):
+    import types
+
+    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                 err_msg=None, object=obj)
+
+
+def test_a_failed_restores_abandoned_reads_print_nothing_when_collected(monkeypatch):
+    """Orbax leaves a failed restore's reads suspended on a closed loop; when the collector
+    closes them, its read turns the GeneratorExit into an exception of its own, which Python
+    would print (with the array's whole TensorStore spec) in the middle of training. Those
+    echoes are dropped; any other unraisable exception still reaches the previous hook."""
+    import sys
+
+    from orbax.checkpoint._src.serialization import serialization
+
+    from dsv2_jax.train import checkpointing
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpointing._quiet_orphaned_reads()
+    checkpointing._quiet_orphaned_reads()  # once per process: not stacked
+
+    read = serialization._read_array_index_and_device_put([], (), None, global_shape=(),
+                                                          new_shard_shape=(), dtype=None,
+                                                          byte_limiter=None, strict=True,
+                                                          dll=None, memory_kind=None)
+    try:
+        try:
+            raise GeneratorExit
+        except BaseException as e:  # what Orbax's read does with it
+            raise Exception("Encountered error while reading array index") from e
+    except Exception as e:
+        echo = e
+    closed_loop = RuntimeError("Event loop is closed")
+
+    async def ours():
+        pass
+
+    mine = ours()
+    other = [_unraisable(read, ValueError("not from a close")),
+             _unraisable(mine, echo),  # not Orbax's coroutine
+             _unraisable(None, RuntimeError("something else"))]
+    for u in [_unraisable(read, echo), _unraisable(None, closed_loop)] + other:
+        sys.unraisablehook(u)
+    read.close(), mine.close()
+    assert seen == other

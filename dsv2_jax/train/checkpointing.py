@@ -48,23 +48,40 @@ def unreadable(directory: str, step: int) -> str | None:
     return probe(os.path.join(directory, str(step), "state"))
 
 
+def _orphaned_read_echo(u) -> bool:
+    """Whether an unraisable exception is an echo of a failed restore's abandoned reads:
+    - Orbax has closed the asyncio loop of that restore while tensorstore still completes the
+      reads it had in flight; each completion tries to schedule a callback on the closed loop
+      (`RuntimeError: Event loop is closed`, no object);
+    - the read coroutines left suspended on that loop are closed when the garbage collector
+      reaches them, at any later moment; Orbax's read catches the `GeneratorExit` of the close
+      and raises its own exception from it, so Python prints 'Exception ignored in: <coroutine
+      object _read_array_index_and_device_put ...>' with the array's whole TensorStore spec,
+      once per abandoned read, in the middle of whatever runs then (training, a later test)."""
+    if (u.object is None and isinstance(u.exc_value, RuntimeError)
+            and str(u.exc_value) == "Event loop is closed"):
+        return True
+    code = getattr(u.object, "cr_code", None)
+    return (code is not None and isinstance(u.exc_value, Exception)
+            and isinstance(u.exc_value.__cause__, GeneratorExit)
+            and os.path.abspath(code.co_filename).startswith(_ORBAX_DIR))
+
+
+_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__)) + os.sep
+
+
 def _quiet_orphaned_reads() -> None:
-    """After a failed restore, Orbax has already closed the asyncio loop of that restore
-    while tensorstore still completes the reads it had in flight; each completion then tries
-    to schedule a callback on the closed loop and Python prints 'Exception ignored ...
-    RuntimeError: Event loop is closed' (once per array). The restore's failure is reported
-    by us; these echoes of it are dropped, every other unraisable exception still goes to
-    the previous hook. Installed once, before a process's first restore (the echoes can come
-    before the failure reaches the caller)."""
+    """Drops the echoes of a failed restore (`_orphaned_read_echo`): the failure itself is
+    reported by us; every other unraisable exception still goes to the previous hook.
+    Installed once, before a process's first restore (the echoes can come before the failure
+    reaches the caller, and long after it)."""
     previous = sys.unraisablehook
     if getattr(previous, "_dsv2_quiet", False):
         return
 
     def hook(u):
-        if (u.object is None and isinstance(u.exc_value, RuntimeError)
-                and str(u.exc_value) == "Event loop is closed"):
-            return
-        previous(u)
+        if not _orphaned_read_echo(u):
+            previous(u)
 
     hook._dsv2_quiet = True
     sys.unraisablehook = hook
