@@ -349,6 +349,36 @@ def test_few_row_products_give_the_dot_logits(B):
     assert ref.rel_err(decode_logits(model, rows, x), model.logits_from_hidden(model.norm(x))[:, 0]) <= 1e-6
 
 
+@pytest.mark.parametrize("backend", ["blocked", "ragged_dot"])
+@pytest.mark.parametrize("T", [1, 9])
+def test_moe_few_tokens_equals_the_moe_layer(backend, T):
+    """Decode's MoE reads the chosen experts from the segment's stacks; it must be the MoE
+    layer's function. On GPU/TPU (any backend but 'blocked') up to 2E (token, expert) pairs
+    go through one gather of the chosen matrices (T = 1: 2 rows x 2 experts <= 16), more
+    through the grouped matmul (T = 9: 36 pairs); CPU decode only ever takes 'blocked', so
+    the other branches are checked here, against `MoE.__call__` on the same weights."""
+    from dsv2_jax import load_config
+    from dsv2_jax.decode import moe_few_tokens
+    from dsv2_jax.moe import MoE
+
+    cfg = load_config("tiny", moe_backend=backend)
+    moe = MoE(cfg, rngs=nnx.Rngs(3))
+    e = moe.experts
+    # Layer 1 of a two-layer segment; layer 0 holds other experts that must not be read.
+    other = lambda w: jax.random.normal(jax.random.key(5), w.shape, w.dtype)
+    stacks = [jnp.stack([other(w[...]), w[...]]) for w in (e.gate_proj, e.up_proj, e.down_proj)]
+    # Pre-activations of O(1) (not the 0.02 init's), where silu(g) * u and silu(u) * g differ.
+    x = 20.0 * jax.random.normal(jax.random.key(4), (2, T, cfg.hidden_size), jnp.float32)
+    got = moe_few_tokens(moe.gate, moe.shared_experts, *stacks, 1, x, backend)
+    want, r = moe(x)
+    gather = 2 * T * cfg.num_experts_per_tok <= 2 * cfg.n_routed_experts
+    assert gather == (T == 1)
+    assert got.shape == want.shape and ref.rel_err(got, want) <= 1e-6, ref.rel_err(got, want)
+    # The routed experts' part is not lost in the shared experts' one.
+    shared = moe.shared_experts(x.reshape(-1, cfg.hidden_size)).reshape(want.shape)
+    assert ref.rel_err(shared, want) > 0.1
+
+
 @pytest.mark.parametrize("kind", ["float32", "int8"])
 def test_blocked_decode_reads_layers_in_place(kind):
     """The XLA core walks the live blocks of one layer of a stacked [L, B, S, K] buffer:
@@ -412,6 +442,21 @@ def test_sampling_filters():
     assert (np.asarray(draw(logits, key, 1.0, 0, 1e-6, greedy=False)) == argmax).all()
     again = draw(logits, key, 1.0, 5, 1.0, greedy=False)
     np.testing.assert_array_equal(k, again)
+
+
+def test_top_p_stops_at_exactly_reaching_the_mass():
+    """The nucleus is the smallest set whose mass REACHES top_p, as HF's TopPLogitsWarper
+    keeps it: with probabilities [0.5, 0.25, 0.25] and top_p = 0.5 the first token alone
+    reaches 0.5, so a sampler counting the tied mass in would also draw the others."""
+    n = 2000
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray([0.5, 0.25, 0.25], jnp.float32)), (n, 3))
+    draw = jax.jit(sample_logits, static_argnames=("greedy", "filtered"))
+    for seed in range(3):
+        tokens = np.asarray(draw(logits, jax.random.key(seed), 1.0, 0, 0.5, greedy=False))
+        assert (tokens == 0).all(), np.bincount(tokens, minlength=3)
+    # Just past 0.5 the next token joins: the filter above is not greedy by accident.
+    tokens = np.asarray(draw(logits, jax.random.key(0), 1.0, 0, 0.51, greedy=False))
+    assert {0, 1} <= set(tokens.tolist())
 
 
 def test_generate_sampling_reproducible_and_degenerate_filters_are_greedy(hf_models):

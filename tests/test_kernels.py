@@ -135,6 +135,22 @@ def test_flash_mla_forward_and_grads_f32(B, T, H, K, V, causal, nseg):
     check_flash(B, T, H, K, V, causal=causal, nseg=nseg)
 
 
+@pytest.mark.parametrize("blocks", [
+    # Each kernel with the block its loop steps over twice the one it holds, where the
+    # bound is not a whole number of blocks (the other way round it always is).
+    FlashBlocks(16, 32, 16, 16, 16, 16),  # forward: 32-key blocks past 16-query blocks
+    FlashBlocks(16, 16, 16, 32, 16, 16),  # dq: the same
+    FlashBlocks(16, 16, 16, 16, 32, 16),  # dk/dv: 32-query blocks from 16-key blocks
+], ids=["fwd", "dq", "dkv"])
+@pytest.mark.parametrize("nseg", [0, 3])
+def test_flash_mla_non_square_blocks(blocks, nseg):
+    """The causal loops' bounds in block units (the forward's and dq's last key block, the
+    dk/dv kernel's first query block) when query and key blocks differ in size: a bound
+    rounded the wrong way skips a block that holds visible keys (or queries). Square blocks
+    make every such division exact; T = 50 also leaves a padded tail."""
+    check_flash(1, 50, 2, 32, 16, causal=True, nseg=nseg, blocks=blocks)
+
+
 def test_flash_mla_bf16():
     check_flash(2, 45, 3, 48, 32, causal=True, nseg=2, dtype=jnp.bfloat16, tol=BF16_TOL)
 

@@ -275,3 +275,42 @@ def test_parity_catches_a_wrong_weight_layout():
     with torch.no_grad():
         want = hf_moe(torch.as_tensor(x)).numpy()
     assert ref.rel_err(_apply(ours, jnp.asarray(x))[0], want) > 1e-2
+
+
+# V2's published YaRN settings (the tests' YARN, rope dim 8 over an original window of 16,
+# puts both ramp ends on whole dimensions, where any rounding of them agrees).
+V2_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+           "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+           "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+@pytest.mark.parametrize("extra", [{}, {"truncate": False}, {"mscale": 1.0}],
+                         ids=["v2", "no-truncate", "mscale-1"])
+def test_yarn_frequencies_match_transformers_at_v2_settings(extra):
+    """Inverse frequencies and the cos/sin factor against transformers' YaRN init at V2's
+    rope dim 64, factor 40 over 4096 positions: the ramp runs from dimension 10.47 to 22.51,
+    rounded outwards to 10 and 23 (or not at all with truncate false). Rounded the other way
+    every rotary frequency between would be off: positions past the original window would
+    rotate at the wrong speeds."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from dsv2_jax import load_config
+    from dsv2_jax.rope import attention_factor, inv_freq
+
+    rope = dict(V2_YARN, **extra)
+    kw = dict(ref.V2, qk_rope_head_dim=64, max_position_embeddings=163840, rope_parameters=rope)
+    hf_cfg = ref.hf_config(**kw)
+    assert hf_cfg.head_dim == 64 and hf_cfg.rope_parameters.get("truncate", True) == rope.get("truncate", True)
+    want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
+    cfg = _ours_cfg(kw)
+    got = inv_freq(cfg)
+    assert got.shape == (32,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-7, atol=0)
+    assert attention_factor(cfg) == pytest.approx(want_factor, rel=1e-12)
+    if not extra:  # the shipped preset is these settings
+        np.testing.assert_array_equal(inv_freq(load_config("v2")), got)
+    # The ramp matters here: some frequencies are neither the extrapolated nor the
+    # interpolated ones.
+    base = 10000.0 ** (-np.arange(0, 64, 2) / 64)
+    between = ~np.isclose(got, base, rtol=1e-5) & ~np.isclose(got, base / 40, rtol=1e-5)
+    assert between.sum() >= 10

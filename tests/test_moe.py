@@ -250,3 +250,72 @@ def test_device_limit_applies_in_training_only():
     assert sorted(np.asarray(idx)[0].tolist()) == [0, 2]
     idx, _ = select_experts(s, cfg, train=True)
     assert sorted(np.asarray(idx)[0].tolist()) == [0, 1]
+
+
+def test_device_limit_ranks_devices_within_the_kept_groups():
+    """Group-limited and device-limited routing together (devices splitting the expert
+    groups): the devices are ranked by their best expert among those the group limit left.
+    Group 0 (experts 0-3) holds the best expert and is kept; within it devices 0 {0, 1} and
+    1 {2, 3} are the best two, so experts 0 and 2 are chosen. Ranking devices on the raw
+    scores would keep devices 0 and 2, of which only {0, 1} survive the group limit: a token
+    would lose its second-best allowed expert (and, for other scores, be left with fewer
+    than K experts)."""
+    cfg = load_config("tiny").replace(
+        n_routed_experts=8, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+        num_experts_per_tok=2, norm_topk_prob=False, routed_scaling_factor=1.0,
+        num_device_groups=4, max_devices_per_token=2)
+    s = _scores([[0.30, 0.02, 0.03, 0.01, 0.25, 0.20, 0.10, 0.09]])
+    idx, w = select_experts(s, cfg, train=True)
+    assert sorted(np.asarray(idx)[0].tolist()) == [0, 2]
+    np.testing.assert_allclose(np.sort(np.asarray(w)[0]), [0.03, 0.30], rtol=1e-6)
+    # At inference only the group limit applies: the same two experts.
+    idx, _ = select_experts(s, cfg, train=False)
+    assert sorted(np.asarray(idx)[0].tolist()) == [0, 2]
+    # Over random scores: every chosen expert is in a kept group and on one of at most M
+    # devices, and the choice is the top-K of the experts satisfying both limits.
+    rng = np.random.default_rng(0)
+    s = jax.nn.softmax(jnp.asarray(rng.normal(size=(200, 8)) * 2, jnp.float32), axis=-1)
+    idx, w = select_experts(s, cfg, train=True)
+    idx, w, sn = np.asarray(idx), np.asarray(w), np.asarray(s)
+    for t in range(len(sn)):
+        group = int(np.argmax(sn[t].reshape(2, 4).max(-1)))
+        assert set((idx[t] // 4).tolist()) == {group}, t
+        assert len(set((idx[t] // 2).tolist())) <= 2, t
+        within = sn[t].copy()
+        within[np.arange(8) // 4 != group] = -1
+        devices = np.argsort(-within.reshape(4, 2).max(-1))[:2]
+        within[~np.isin(np.arange(8) // 2, devices)] = -1
+        assert sorted(idx[t].tolist()) == sorted(np.argsort(-within)[:2].tolist()), t
+        np.testing.assert_allclose(np.sort(w[t]), np.sort(sn[t][idx[t]]), rtol=1e-6)
+
+
+def test_rows_per_token_limit_at_v2_shapes():
+    """M, the most device groups one token reaches, sets every capacity (ceil(cf * T * M /
+    G)). V2: K = 6 experts over 8 device groups with at most 3 per token: M = 3 in training
+    over the device groups, min(K, G) otherwise (inference, or other groups than the
+    device groups). A tiny config (K = max_devices_per_token = 2) cannot tell them apart."""
+    from dsv2_jax.moe.routing import route, rows_per_token_limit
+
+    cfg = load_config("v2")
+    assert (cfg.num_experts_per_tok, cfg.num_device_groups, cfg.max_devices_per_token) == (6, 8, 3)
+    assert rows_per_token_limit(cfg, 8, train=True) == 3
+    assert rows_per_token_limit(cfg, 8, train=False) == 6
+    assert rows_per_token_limit(cfg, 160, train=True) == 6  # every expert its own group
+    assert rows_per_token_limit(cfg, 4, train=True) == 4
+    off = cfg.replace(num_device_groups=0, max_devices_per_token=0)
+    assert rows_per_token_limit(off, 8, train=True) == 6
+    # K = 3 experts, each token confined to 1 of 2 device groups: M = 1, so a group's
+    # capacity is ceil(1.0 * 8 * 1 / 2) = 4 rows (not 12 = ceil(8 * 3 / 2)). Every token
+    # is pushed to group 0: 4 of its 8 rows survive.
+    small = load_config("tiny").replace(
+        n_routed_experts=8, topk_method="greedy", n_group=1, topk_group=1, num_experts_per_tok=3,
+        num_device_groups=2, max_devices_per_token=1, capacity_factor=1.0, never_drop_fraction=0.0)
+    assert rows_per_token_limit(small, 2, train=True) == 1
+    D = small.hidden_size
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(8, D)), jnp.float32).at[:, 0].set(5.0)
+    kernel = jnp.asarray(np.random.default_rng(2).normal(size=(D, 8)) * 0.1, jnp.float32)
+    kernel = kernel.at[0, :4].add(2.0)  # experts 0-3 (device group 0) score far above
+    r = route(x, kernel, small, train=True, batch=1)
+    assert (np.asarray(r.topk_idx) < 4).all()  # every token's 3 experts in group 0
+    assert np.asarray(r.rows).tolist().count(1) == 4 and int(np.asarray(r.rows).sum()) == 4
+    assert int(np.asarray(r.keep).sum()) == 4 * 3

@@ -102,6 +102,30 @@ def test_comm_loss_counts_at_most_k_devices_per_token():
     assert math.isclose(float(got["comm"]), 1.0, rel_tol=1e-6), float(got["comm"])
 
 
+def test_training_loss_weighs_each_balance_loss_by_its_own_alpha():
+    """loss = ce + alpha1 * expert + alpha2 * device + alpha3 * comm, each from the step's own
+    statistics. With three different weights and device != comm a swapped pair shows."""
+    from dsv2_jax import init_model, load_config
+
+    a1, a2, a3 = 0.01, 0.5, 0.05
+    cfg = load_config("tiny", num_hidden_layers=2, aux_loss_alpha=a1, device_aux_loss_alpha=a2,
+                      comm_aux_loss_alpha=a3)
+    assert cfg.num_device_groups and cfg.max_devices_per_token < cfg.num_device_groups
+    model = init_model(cfg, seed=2)
+    B, T = 2, 8
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (B, T + 1))
+    batch = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+             "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.int32)}
+    loss, st = jax.jit(lambda p: loss_and_stats(ModelFns.from_model(model), cfg, p, batch))(params_of(model))
+    ce, expert, device, comm = (float(st[k]) for k in ("ce", "expert_loss", "device_loss", "comm_loss"))
+    assert min(expert, device, comm) > 0.1 and abs(device - comm) > 0.05, (expert, device, comm)
+    want = ce + a1 * expert + a2 * device + a3 * comm
+    assert float(loss) == pytest.approx(want, rel=1e-6, abs=0)
+    swapped = ce + a1 * expert + a3 * device + a2 * comm
+    assert abs(want - swapped) > 100 * 1e-6 * want  # the check above can tell them apart
+
+
 def test_token_dropping_drops_lowest_affinity_rows_and_spares_protected():
     """A row is one token sent to one device group (all its experts there); each group takes
     `capacity` rows; over it the rows with the lowest summed score on that group go."""
@@ -139,6 +163,91 @@ def test_never_drop_fraction():
     m = np.asarray(never_drop_tokens(10, 3, 0.1))
     assert m.sum() == 3 and m[:3].all()
     assert np.asarray(never_drop_tokens(10, 3, 0.0)).sum() == 0
+
+
+def test_never_drop_fraction_rounds_half_up_and_its_twin_agrees():
+    """round(fraction * batch) sequences are protected, halves rounded up (6 x 0.25 = 1.5
+    -> 2 sequences), at least one when fraction > 0 and batch >= 2, none for a batch of one
+    at the usual fractions.
+    `protected_rows` sizes the dispatch buffers for them: it must count the same tokens."""
+    from dsv2_jax.moe.routing import protected_rows
+
+    for batch, fraction, n in ((6, 0.25, 2), (4, 0.625, 3), (2, 0.75, 2), (4, 0.125, 1),
+                               (10, 0.1, 1), (10, 0.04, 1), (1, 0.1, 0), (1, 0.25, 0),
+                               (5, 1.0, 5), (8, 0.0, 0)):
+        m = np.asarray(never_drop_tokens(batch, 3, fraction))
+        assert m.sum() == 3 * n and m[:3 * n].all(), (batch, fraction, m.sum())
+    for batch in range(1, 13):
+        for fraction in (0.0, 0.05, 0.1, 0.125, 0.25, 0.3, 0.375, 0.5, 0.625, 0.75, 0.9, 1.0):
+            m = np.asarray(never_drop_tokens(batch, 2, fraction))
+            assert protected_rows(batch, 2, fraction) == m.sum(), (batch, fraction)
+
+
+def _kept_rows_per_group(idx, keep, n_experts, n_groups):
+    """[G]: tokens with a kept row to each group (a row: all of a token's experts there)."""
+    group = np.asarray(idx) // (n_experts // n_groups)
+    return np.array([((group == g) & np.asarray(keep)).any(axis=1).sum() for g in range(n_groups)])
+
+
+def _sent_rows_per_group(idx, n_experts, n_groups):
+    group = np.asarray(idx) // (n_experts // n_groups)
+    return np.array([(group == g).any(axis=1).sum() for g in range(n_groups)])
+
+
+def test_moe_layer_drops_exactly_the_rows_the_router_drops():
+    """Token dropping is written twice: `Router` / `route` (`capacity_keep`, hand-checked
+    above) and inline in the MoE layer's dispatch, the path training runs. Both must keep the
+    same rows: each group's `capacity` of them, or its protected rows if more."""
+    from flax import nnx
+
+    from dsv2_jax.moe import MoE
+    from dsv2_jax.moe.routing import dynamic_capacity, protected_rows
+
+    E, G, B, S = 8, 4, 4, 16
+    cfg = _cfg(capacity_factor=0.5, num_device_groups=G, max_devices_per_token=2)
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (B, S, cfg.hidden_size))
+    _, r_moe = moe(x, train=True)
+    r_router = moe.gate(x.reshape(B * S, -1), train=True, batch=B)
+    np.testing.assert_array_equal(np.asarray(r_moe.topk_idx), np.asarray(r_router.topk_idx))
+    np.testing.assert_array_equal(np.asarray(r_moe.keep), np.asarray(r_router.keep))
+    np.testing.assert_array_equal(np.asarray(r_moe.rows), np.asarray(r_router.rows))
+    np.testing.assert_allclose(np.asarray(r_moe.topk_weight), np.asarray(r_router.topk_weight),
+                               rtol=1e-6)
+    cap = int(dynamic_capacity(cfg, jnp.ones(B * S, bool), G))
+    assert cap == math.ceil(0.5 * B * S * 2 / G) == 16
+    protected = np.asarray(never_drop_tokens(B, S, cfg.never_drop_fraction))
+    assert protected.sum() == protected_rows(B, S, cfg.never_drop_fraction) == S
+    sent = _sent_rows_per_group(r_moe.topk_idx, E, G)
+    prot = _sent_rows_per_group(np.asarray(r_moe.topk_idx)[protected], E, G)
+    kept = _kept_rows_per_group(r_moe.topk_idx, r_moe.keep, E, G)
+    np.testing.assert_array_equal(kept, np.maximum(np.minimum(sent, cap), prot))
+    assert (sent > cap).any()  # some group was over its capacity
+    assert np.asarray(r_moe.keep)[protected].all()
+
+
+def test_capacity_rounds_up():
+    """A group's capacity is ceil(cf * T * M / G) over the real tokens: 9 tokens reaching
+    at most M = 2 of G = 4 groups give 4.5 rows on average, so 5 (4 would drop a row at
+    exactly the average load). Padding earns no capacity: 7 real tokens give ceil(3.5) = 4."""
+    from dsv2_jax.moe.routing import capacity_rows, dynamic_capacity, route
+
+    E, G, T = 8, 4, 9
+    cfg = _cfg(capacity_factor=1.0, num_device_groups=G, max_devices_per_token=2,
+               topk_method="greedy", never_drop_fraction=0.0)
+    assert int(dynamic_capacity(cfg, jnp.ones(T, bool), G)) == 5
+    assert int(dynamic_capacity(cfg, jnp.arange(T) < 7, G)) == 4
+    assert capacity_rows(1.0, T, 2, G) == 5  # the static buffer of the same rule
+    # Every token pushed to group 0 (experts 0 and 1): 5 of its 9 rows survive.
+    D = cfg.hidden_size
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(T, D)), jnp.float32).at[:, 0].set(5.0)
+    kernel = jnp.asarray(np.random.default_rng(5).normal(size=(D, E)) * 0.1, jnp.float32)
+    kernel = kernel.at[0, :2].add(2.0)
+    r = route(x, kernel, cfg, train=True, batch=1)
+    sent = _sent_rows_per_group(r.topk_idx, E, G)
+    kept = _kept_rows_per_group(r.topk_idx, r.keep, E, G)
+    assert sent[0] == T
+    np.testing.assert_array_equal(kept, np.minimum(sent, 5))
 
 
 def test_no_dropping_at_inference():
