@@ -120,24 +120,26 @@ def dynamic_capacity(cfg: DeepseekV2Config, valid, n_groups: int, train: bool = 
     return jnp.ceil(cfg.capacity_factor * real * M / n_groups).astype(jnp.int32)
 
 
-def never_drop_tokens(batch: int, seq: int, fraction: float):
-    """[batch*seq] bool: tokens of the first round(fraction * batch) sequences of the batch
-    (at least one when fraction > 0 and batch >= 2). Training batches are shuffled, so these
-    are a random ~`fraction` of training sequences; a batch of one sequence is never
-    protected, so that dropping still applies. On a mesh each token shard protects its own
-    first sequences."""
+def _protected_sequences(batch: int, fraction: float) -> int:
+    """round(fraction * batch), half up, and at least one when fraction > 0 and batch >= 2.
+    Without that floor a batch of one sequence is protected only from fraction 0.5 up, so that
+    at small fractions dropping still applies to shards holding one sequence."""
     n = int(fraction * batch + 0.5)
     if fraction > 0 and batch >= 2:
         n = max(n, 1)
-    return jnp.repeat(jnp.arange(batch) < min(n, batch), seq)
+    return min(n, batch)
+
+
+def never_drop_tokens(batch: int, seq: int, fraction: float):
+    """[batch*seq] bool: tokens of the first `_protected_sequences` sequences of the batch.
+    Training batches are shuffled, so these are a random ~`fraction` of training sequences.
+    On a mesh each token shard protects its own first sequences."""
+    return jnp.repeat(jnp.arange(batch) < _protected_sequences(batch, fraction), seq)
 
 
 def protected_rows(batch: int, seq: int, fraction: float) -> int:
     """How many tokens `never_drop_tokens` protects (static)."""
-    n = int(fraction * batch + 0.5)
-    if fraction > 0 and batch >= 2:
-        n = max(n, 1)
-    return min(n, batch) * seq
+    return _protected_sequences(batch, fraction) * seq
 
 
 def group_rows(idx, weight, scores, valid, n_experts: int, n_groups: int):
