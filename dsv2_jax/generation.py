@@ -57,9 +57,10 @@ def sample_logits(logits, key, temperature, top_k, top_p, *, greedy: bool, filte
 
     greedy: argmax. Otherwise, in HF's order: divide by temperature, keep the top_k largest
     (top_k <= 0: all), then the smallest set of the largest whose probability reaches top_p
-    (top_p >= 1: all; never fewer than one), and draw from the rest. temperature, top_k and
-    top_p are traced; `filtered` (static) False skips the vocabulary sort when neither
-    filter is on.
+    (top_p >= 1: all; never fewer than one), and draw from the rest. Tokens whose logit
+    equals the last one kept are all kept: as HF does for top-k; for top-p HF keeps those its
+    sort puts first. temperature, top_k and top_p are traced; `filtered` (static) False skips
+    the vocabulary sort when neither filter is on.
     """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
