@@ -152,6 +152,22 @@ def test_dtype_flag_casts_and_records(v2_bf16, v2_orbax, tmp_path):
         np.testing.assert_array_equal(b.get(n), a.get(n).astype(np.float32))
 
 
+def test_written_dtype_names_the_dtype_of_most_bytes():
+    """config.json's torch_dtype for a mixed export (e.g. float32 router weights beside
+    bf16 experts) names the dtype most of the written bytes have, by bytes, not by count."""
+    from types import SimpleNamespace as E
+
+    entries = [E(hf_name="big", shape=(64, 64)), E(hf_name="gate", shape=(8, 64)),
+               E(hf_name="norm", shape=(64,))]
+    assert convert.written_dtype(entries, {"big": "BF16", "gate": "F32", "norm": "F32"}) == "bfloat16"
+    assert convert.written_dtype(entries, {"big": "F32", "gate": "BF16", "norm": "BF16"}) == "float32"
+    # 2 float32 tensors of 600 elements (4800 bytes) against 3 bf16 ones of 700 (4200 bytes)
+    more = [E(hf_name=f"f{i}", shape=(600,)) for i in range(2)] + [E(hf_name=f"b{i}", shape=(700,)) for i in range(3)]
+    targets = {e.hf_name: "F32" if e.hf_name[0] == "f" else "BF16" for e in more}
+    assert convert.written_dtype(more, targets) == "float32"
+    assert convert.written_dtype(entries[:1], {"big": "F16"}) == "float16"
+
+
 def test_both_forms_of_a_checkpoint_compute_alike(v2_bf16, v2_orbax):
     """A bf16 HF checkpoint and its Orbax form load with the same parameter and compute
     dtypes, so they give the same logits bit for bit (the Orbax form once computed in

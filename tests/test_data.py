@@ -163,6 +163,34 @@ def test_packing_matches_a_hand_built_example(tmp_path):
         assert got[k].dtype == np.int32
 
 
+def test_training_rows_are_shuffled_when_packed_eval_rows_are_not():
+    """Packing fills several bins at once and emits them together: with a seed (training)
+    the rows of each flush come in a seeded order, without one (evaluation) in fill order.
+    Unshuffled, the rows of a batch follow the piece stream (a long document's chunks in
+    neighbouring rows, always in the same places)."""
+    import grain
+
+    rng = np.random.default_rng(0)
+    pieces = []
+    for i in range(1, 25):
+        t = (i * 1000 + np.arange(rng.integers(2, 9))).astype(np.int32)
+        pieces.append({"inputs": t, "targets": t, "loss_mask": np.ones(len(t), np.int32),
+                       "target_bytes": np.zeros(len(t), np.int32)})
+
+    def rows(seed):
+        it = iter(data._pack(grain.MapDataset.source(pieces).to_iter_dataset(), 8, bins=4, seed=seed))
+        return [tuple(np.unique(r["inputs"][r["inputs"] > 0] // 1000)) for r in _take(it, 8)]
+
+    fill = rows(None)
+    assert rows(None) == fill
+    seeded = {s: rows(s) for s in range(4)}
+    assert all(rows(s) == seeded[s] for s in (0, 2))  # deterministic per seed
+    for got in seeded.values():  # the same rows within each flush of 4 bins
+        assert sorted(got[:4]) == sorted(fill[:4]) and sorted(got[4:]) == sorted(fill[4:])
+    assert sum(got != fill for got in seeded.values()) >= 3, seeded
+    assert len({tuple(got) for got in seeded.values()}) >= 3, seeded
+
+
 def test_training_batches_never_cross_documents(tmp_path):
     d = _write_npy_docs(tmp_path, 30, max_len=50)
     it = data.make_train_iter(f"npy:{d}/*.npy,holdout=0", seq_len=16, batch_size=4, seed=3,
@@ -239,6 +267,36 @@ def test_jsonl_held_out_split_is_per_document(tmp_path):
     assert held | train == set(range(80))
 
 
+def test_npy_with_separator_held_out_split_is_per_document(tmp_path):
+    """Several documents per .npy file (sep=ID): the split is by document (file#index), and
+    training never sees a held-out document (evaluation on it would read as better than it
+    is), nor loses one that is not held out."""
+    rng = np.random.default_rng(4)
+    d = tmp_path / "npy"
+    d.mkdir()
+    doc = 1
+    for f in range(4):  # doc i holds i*1000 + 1, 2, ... then the separator 0
+        docs = []
+        for _ in range(10):
+            docs.append(np.append(doc * 1000 + 1 + np.arange(rng.integers(1, 12)), 0))
+            doc += 1
+        np.save(d / f"part{f}.npy", np.concatenate(docs).astype(np.int32))
+    spec = f"npy:{d}/*.npy,sep=0,holdout=0.25"
+
+    def ids(batches):
+        out = set()
+        for b in batches:
+            out.update((b["inputs"][b["inputs"] > 0] // 1000).tolist())
+        return out
+
+    held = ids(data.make_eval_iter(spec, seq_len=32, batch_size=4))
+    it = data.make_train_iter(spec, seq_len=32, batch_size=4, seed=0,
+                              process_index=0, process_count=1)
+    train = ids(_take(it, 30))  # several epochs
+    assert held and train and not held & train, sorted(held & train)
+    assert held | train == set(range(1, 41))
+
+
 # -------------------------------------------------------------------- sharding
 
 
@@ -277,6 +335,30 @@ def test_each_epoch_visits_every_file_once_in_a_new_order():
     assert all(sorted(e) == files for e in epochs)
     assert len({tuple(e) for e in epochs}) > 1
     assert [order(i) for i in range(28)] == sum(epochs, [])  # stateless: same index, same file
+
+
+def test_a_files_pieces_come_in_a_new_order_each_epoch(tmp_path):
+    """The per-file loader orders a file's pieces by (seed, index): the same index (a restore
+    re-reading the file) gives the same order, a later epoch's index (i + number of files)
+    the same pieces in another order, so a many-document file is not replayed in one fixed
+    sequence every epoch."""
+    np.save(tmp_path / "many.npy", np.concatenate(
+        [np.append(i * 1000 + 1 + np.arange(3), 0) for i in range(1, 21)]).astype(np.int32))
+    spec = f"npy:{tmp_path}/many.npy,sep=0,holdout=0"
+    corpus = data._Corpus(data.parse_spec(spec), None, spec)
+    load = corpus.loader(held_out=False, seq_len=8, seed=3)
+    path = corpus.train_files[0]
+    n_files = 3  # as if the file were one of three: it comes back at index i + 3
+
+    def order(index):
+        return [int(p["inputs"][0]) // 1000 for p in load(index, path)]
+
+    first = order(1)
+    assert sorted(first) == list(range(1, 21))
+    assert order(1) == first
+    later = [order(1 + e * n_files) for e in range(1, 4)]
+    assert all(sorted(o) == sorted(first) for o in later)
+    assert all(o != first for o in later), (first, later)
 
 
 # ---------------------------------------------------------------- checkpointing

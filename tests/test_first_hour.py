@@ -89,6 +89,29 @@ def test_a_resume_keeps_the_settings_the_command_does_not_give(tmp_path, capsys)
         assert abs([json.loads(line)["lr"] for line in f][-1] - 1e-3) < 1e-9  # constant, not cosine
 
 
+def test_a_resume_keeps_the_runs_seed_and_refuses_another(tmp_path, capsys):
+    """--seed orders the data: the iterator state a checkpoint holds belongs to the run's seed.
+    A resume without --seed takes the run's; one with another seed is refused, naming it
+    (resuming the saved stream position under another order would repeat and skip data)."""
+    import json
+
+    wd = str(tmp_path / "run")
+    assert cli_main(["train", "--workdir", wd, "--steps", "2", "--stop-after", "1", "--seed", "3",
+                     *SMALL]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", "--workdir", wd, "--steps", "2", "--seed", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "other data settings (--seed 3)" in err, err
+    assert cli_main(["train", "--workdir", wd, "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with the run's" in out and "--seed 3" in out, out
+    assert "settings changed" not in out
+    with open(os.path.join(wd, "run.json")) as f:
+        assert json.load(f)["seed"] == 3
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
 def test_optimizer_flags_and_init_from_with_config_are_refused(tmp_path, capsys):
     wd = str(tmp_path / "run")
     for flag, value in (("--lr", "-1"), ("--weight-decay", "-5"), ("--warmup-steps", "-3"),

@@ -86,6 +86,14 @@ def test_a_damaged_checkpoint_at_the_last_step_is_not_nothing_to_do(tmp_path, da
     assert any("nothing to do" in line for line in logs), logs
 
 
+def test_keep_checkpoints_keeps_the_newest_ones(tmp_path):
+    """--keep-checkpoints N leaves the N newest checkpoints; a disk is not filled with one
+    checkpoint per --checkpoint-every over a long run."""
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=6, checkpoint_every=1, keep_checkpoints=2, **SMALL))
+    assert _steps(wd) == [5, 6]
+
+
 def test_extending_a_run_keeps_its_default_warmup(tmp_path):
     """The default warm-up is a tenth of --steps: extending 20 -> 400 steps must not restart
     a 40-step warm-up at step 21 (the learning rate would fall to about half)."""
