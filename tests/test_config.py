@@ -231,3 +231,80 @@ def test_moe_layer_freq_follows_the_official_rule():
 def test_official_gready_spelling_is_greedy():
     cfg = DeepseekV2Config.from_hf(dict(ref.LITE, topk_method="gready"))
     assert cfg.topk_method == "greedy" and cfg == DeepseekV2Config.from_hf(ref.LITE)
+
+
+# Fields of the published config.json files (deepseek-ai/DeepSeek-V2, DeepSeek-V2-Lite) that
+# PUBLISHED leaves out, shared by both, and the paper's training settings for V2 (alpha2 =
+# 0.05, alpha3 = 0.02; D = 8 device groups, M = 3 of them per token).
+PUBLISHED_COMMON = dict(rms_norm_eps=1e-6, tie_word_embeddings=False, moe_layer_freq=1,
+                        bos_token_id=100000, eos_token_id=100001, scoring_func="softmax",
+                        hidden_act="silu", attention_bias=False, num_key_value_heads=None)
+PAPER_V2_TRAINING = dict(device_aux_loss_alpha=0.05, comm_aux_loss_alpha=0.02,
+                         num_device_groups=8, max_devices_per_token=3)
+
+
+@pytest.mark.parametrize("name", ["v2", "v2-lite"])
+def test_presets_match_the_rest_of_the_published_configs(name):
+    """A preset that differs from the checkpoint's own config.json in the norm epsilon, tied
+    embeddings, the MoE layer rule or the stop ids loads the published weights into a
+    different model (wrong logits, wrong stopping) without any error; the V2 preset's
+    training settings are the paper's."""
+    cfg = load_config(name)
+    for k, v in PUBLISHED_COMMON.items():
+        want = cfg.num_attention_heads if k == "num_key_value_heads" else v
+        assert getattr(cfg, k) == want, (k, getattr(cfg, k), want)
+    training = PAPER_V2_TRAINING if name == "v2" else dict(
+        device_aux_loss_alpha=0.0, comm_aux_loss_alpha=0.0, num_device_groups=0, max_devices_per_token=0)
+    for k, v in training.items():
+        assert getattr(cfg, k) == v, (k, getattr(cfg, k), v)
+
+
+def test_range_checks_accept_their_end_points():
+    """Each range's end points are legal settings: every sequence protected from dropping
+    (never_drop_fraction 1), none (0), an all-dense stack (first_k_dense_replace = layers), a
+    token allowed on every device group (max_devices_per_token = num_device_groups). An
+    off-by-one check would refuse these configs."""
+    base = load_config("tiny")
+    for kw in (dict(never_drop_fraction=1.0), dict(never_drop_fraction=0.0),
+               dict(first_k_dense_replace=base.num_hidden_layers),
+               dict(num_device_groups=4, max_devices_per_token=4),
+               dict(num_device_groups=2, max_devices_per_token=2),
+               dict(capacity_factor=1e-3)):
+        cfg = base.replace(**kw)
+        for k, v in kw.items():
+            assert getattr(cfg, k) == v
+    assert base.replace(first_k_dense_replace=base.num_hidden_layers).layer_segments() == [
+        ("dense", 0, base.num_hidden_layers)]
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(capacity_factor=0.0), "capacity_factor"),  # a capacity of no rows drops every token
+    (dict(capacity_factor=-1.0), "capacity_factor"),
+    (dict(never_drop_fraction=1.01), "never_drop_fraction"),
+    (dict(never_drop_fraction=-0.1), "never_drop_fraction"),
+    (dict(q_lora_rank=0), "q_lora_rank"),  # a zero-width query latent
+    (dict(first_k_dense_replace=-1), "first_k_dense_replace"),
+    (dict(num_device_groups=4, max_devices_per_token=5), "max_devices_per_token"),
+    (dict(num_device_groups=4, max_devices_per_token=0), "max_devices_per_token"),
+    (dict(rope_scaling={"type": "yarn", "factor": 0, "original_max_position_embeddings": 16}),
+     "rope_scaling"),  # log(0) in the softmax scale
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}),
+     "rope_scaling"),
+])
+def test_range_checks_refuse_just_outside(kw, field):
+    with pytest.raises(ValueError, match=rf"DeepseekV2Config\.{field}\b"):
+        load_config("tiny").replace(**kw)
+
+
+def test_info_prints_total_and_active_counts(capsys):
+    """`dsv2 info v2-lite`: the published 15.7B total and 2.4B active per token, each on its
+    own line (a swapped or repeated figure misleads every sizing decision)."""
+    from dsv2_jax.cli import main
+
+    assert main(["info", "v2-lite"]) == 0
+    out = capsys.readouterr().out
+    total = [s for s in out.splitlines() if s.startswith("total parameters:")]
+    active = [s for s in out.splitlines() if s.startswith("active per token:")]
+    assert len(total) == len(active) == 1, out
+    assert "(15.7" in total[0] and "(2.6" not in total[0], total
+    assert "(2." in active[0] and "15.7" not in active[0], active

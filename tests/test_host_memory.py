@@ -164,3 +164,33 @@ def test_a_huge_pages_value_not_understood_is_said():
     env, notes = host_env({"DSV2_HUGE_PAGES": "maybe"})
     assert env is None and any("DSV2_HUGE_PAGES='maybe' not understood" in n for n in notes)
     assert host_env({"DSV2_HUGE_PAGES": "off"})[1] == []
+
+
+def test_both_settings_apply_together(monkeypatch, tmp_path):
+    """DSV2_MALLOC and DSV2_HUGE_PAGES together: the one re-run carries both the preload and
+    the tunable (one dropping the other would silently lose the allocator)."""
+    lib = tmp_path / "libmine.so"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(host_memory, "thp_mode", lambda: "madvise")
+    env, notes = host_memory.host_env({"DSV2_MALLOC": str(lib), "DSV2_HUGE_PAGES": "1", "PATH": "/bin"})
+    assert notes == []
+    assert env["LD_PRELOAD"] == str(lib) and env["GLIBC_TUNABLES"] == f"{TUNABLE}=1" and env["PATH"] == "/bin"
+    env, notes = host_memory.host_env({"DSV2_MALLOC": str(lib)})  # one of them alone
+    assert env["LD_PRELOAD"] == str(lib) and "GLIBC_TUNABLES" not in env and notes == []
+
+
+@pytest.mark.parametrize("command,reruns", [("train", True), ("eval", True), ("generate", True),
+                                            ("bench", True), ("info", False), ("plan", False),
+                                            ("convert", False), (None, False)])
+def test_every_command_that_computes_reruns(monkeypatch, command, reruns):
+    """The commands whose work runs on the host's memory (train, eval, generate, bench) get
+    the asked-for allocator; the ones that read and print start no second process."""
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append(env["GLIBC_TUNABLES"]))
+    monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(host_memory, "thp_mode", lambda: "always")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setenv("DSV2_HUGE_PAGES", "1")
+    host_memory.reexec_for_host_memory(command)
+    assert calls == ([f"{TUNABLE}=1"] if reruns else [])

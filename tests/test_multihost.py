@@ -207,3 +207,59 @@ def test_a_slurm_task_alone_on_its_node_drives_all_its_gpus(monkeypatch):
     monkeypatch.delenv("SLURM_STEP_NODELIST")  # an allocation's shell, not a job step
     with pytest.raises(ValueError, match="not in a job step: run it under srun"):
         hosts.initialize()
+
+
+def _clear_cluster_env(monkeypatch):
+    for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS",
+              "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_TASKS_PER_NODE",
+              "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def test_only_a_multi_process_environment_is_a_cluster(monkeypatch):
+    """A single-host TPU VM (one worker hostname) and a one-task SLURM job are single-process
+    runs: taking them for clusters would make every such run wait for peers that never come
+    (jax.distributed.initialize blocks)."""
+    from dsv2_jax.sharding import hosts
+
+    _clear_cluster_env(monkeypatch)
+    assert hosts.detected_cluster() is None
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2")  # a v4-8 / v5e-8 VM: one host
+    assert hosts.detected_cluster() is None
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
+    assert hosts.detected_cluster() == "tpu"
+    _clear_cluster_env(monkeypatch)
+    monkeypatch.setenv("MEGASCALE_COORDINATOR_ADDRESS", "10.0.0.2:8080")  # multislice
+    assert hosts.detected_cluster() == "tpu"
+    _clear_cluster_env(monkeypatch)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    for tasks, want in (("1", None), ("2", "slurm"), ("x", None)):
+        monkeypatch.setenv("SLURM_NTASKS", tasks)
+        assert hosts.detected_cluster() == want, tasks
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # this step runs one task of the allocation
+    assert hosts.detected_cluster() is None
+
+
+def test_explicit_process_flags_are_checked_before_joining(monkeypatch):
+    """--process-id must be in [0, --num-processes), the coordinator HOST:PORT; one process is
+    no distributed run at all. Each refusal comes before jax.distributed would wait for peers."""
+    from dsv2_jax.sharding import hosts
+
+    _clear_cluster_env(monkeypatch)
+    joined = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: joined.append(kw))
+    for coord, n, pid, msg in (("127.0.0.1:1234", 2, 2, r"--process-id 2 is not in \[0"),
+                               ("127.0.0.1:1234", 2, -1, "is not in"),
+                               ("127.0.0.1:1234", 0, 0, "is not in"),
+                               ("127.0.0.1", 2, 0, "expected HOST:PORT"),
+                               ("127.0.0.1:http", 2, 0, "expected HOST:PORT"),
+                               (":1234", 2, 0, "expected HOST:PORT")):
+        with pytest.raises(ValueError, match=msg):
+            hosts.initialize(coord, n, pid)
+    assert joined == []
+    assert hosts.initialize("127.0.0.1:1234", 1, 0) is False and joined == []
+    assert hosts.initialize("127.0.0.1:1234", 2, 1) is True
+    assert joined == [dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1)]
+    assert hosts.initialize() is False and len(joined) == 1  # no flags, no cluster

@@ -224,3 +224,74 @@ def test_plan_needs_no_backend():
                         "fsdp=4,expert=2", "--batch-size", "8", "--seq-len", "512"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and "per device" in r.stdout, r.stderr
+
+
+def _lite(**kw):
+    return load_config("v2-lite").replace(dtype="bfloat16", remat="full", **kw)
+
+
+def test_state_terms_are_the_parameters_gradients_and_both_adam_moments():
+    """Per device: the gradients are shaped and typed as the parameters, AdamW keeps two
+    moments of the same, the running gradient sum under --grad-accum one more copy; the
+    embedding table's gradient is held whole over the storage axes ([V/tp, D] in the
+    temporaries' dtype) until its reduce-scatter. A term counted once too few or too many
+    moves the verdict by gigabytes."""
+    for mesh, target, t in (("fsdp=4,tensor=2", "gpu", 2), ("fsdp=8", "cpu", 4)):
+        plan = make_plan(_lite(), mesh, 8, 1024, target=target)
+        p = plan.memory["parameters"]
+        assert plan.memory["gradients"] == p and plan.memory["optimizer"] == 2 * p, plan.memory
+        tp = plan.sizes["tensor"]
+        assert plan.details["held"]["embedding gradient"] == 102400 // tp * 2048 * t, plan.details["held"]
+    # The parameters themselves: the whole model's bytes over the 8 devices of fsdp (every
+    # matrix divides), float32 master weights.
+    from dsv2_jax.params import count_params
+
+    total, _ = count_params(_lite())
+    assert abs(make_plan(_lite(), "fsdp=8", 8, 1024).memory["parameters"] - 4 * total / 8) < 1e-3 * 4 * total / 8
+
+
+def test_fits_means_at_most_the_device_memory():
+    plan = make_plan(_lite(), "fsdp=8", 8, 1024)
+    assert make_plan(_lite(), "fsdp=8", 8, 1024, device_memory=plan.total).fits
+    assert not make_plan(_lite(), "fsdp=8", 8, 1024, device_memory=plan.total - 1).fits
+
+
+def test_traffic_is_ring_collective_arithmetic():
+    """Bytes one device sends (ring collectives): the data axis all-reduces the gradients
+    (2 (n-1)/n of their bytes); fsdp gathers each parameter for the forward and again for the
+    recomputing backward under remat, and reduce-scatters its gradient ((n-1)/n each); the
+    expert axis moves each MoE layer's dispatch and return buffers in the forward, the
+    recomputed forward and the backward. The figures a user picks a mesh by."""
+    from dsv2_jax.plan import TARGETS, dispatch_buffers, parameter_table, step_traffic
+
+    cfg = _lite(num_hidden_layers=3)
+    c = 2  # bfloat16
+    grads = sum(p.stored * (c if p.cast else p.itemsize)
+                for p in parameter_table(cfg.replace(param_dtype="float32"), mesh_sizes("data=4")))
+    assert make_plan(cfg, "data=2", 8, 256).traffic["data"] == grads  # 2 * S * 1/2
+    assert make_plan(cfg, "data=4", 8, 256).traffic["data"] == int(1.5 * grads)  # 2 * S * 3/4
+    full = make_plan(cfg, "fsdp=2", 8, 256).traffic["fsdp"]
+    none = make_plan(cfg.replace(remat="none"), "fsdp=2", 8, 256).traffic["fsdp"]
+    assert full / none == pytest.approx(3 / 2, rel=1e-9)  # 2 gathers + 1 reduce-scatter vs 1 + 1
+    assert none == pytest.approx(grads, rel=1e-6)  # (one gather + one reduce-scatter) x S x 1/2
+    # The exchange alone (no parameters): 2 MoE layers x 3 passes x ring(send + return).
+    sizes = mesh_sizes("expert=4")
+    tokens = 2 * 256
+    d = dispatch_buffers(cfg, tokens, 2, 4, c, TARGETS["cpu"])
+    C, k = d["rows_per_destination"], min(6, 64 // 4)
+    assert d["flavor"] == "fixed" and C == tokens
+    assert d["buffer_bytes"] == 4 * C * (2048 * c + k * 8) and d["return_bytes"] == 4 * C * 2048 * c
+    moved = step_traffic(cfg, [], sizes, 2, 256, c, TARGETS["cpu"])
+    assert moved["expert"] == int(2 * 3 * (d["buffer_bytes"] + d["return_bytes"]) * 3 / 4), moved
+    assert moved["data"] == moved["fsdp"] == moved["tensor"] == 0
+
+
+@pytest.mark.parametrize("memory", ["0", "0GB"])
+def test_cli_refuses_a_device_memory_of_nothing(memory, capsys):
+    """--device-memory 0 is a typo, not a device: one line, no plan printed."""
+    from dsv2_jax.cli import main
+
+    assert main(["plan", "--config", "tiny", "--mesh", "fsdp=2", "--batch-size", "2", "--seq-len", "32",
+                 "--device-memory", memory]) == 1
+    out = capsys.readouterr()
+    assert "--device-memory must be positive" in out.err and "per device" not in out.out

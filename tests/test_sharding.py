@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from procenv import ROOT, cpu_env, run_python
 
+from dsv2_jax import load_config
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -320,3 +322,166 @@ def test_grad_accum_keeps_parameters_sharded_across_micro_batches():
     accumulation against 8.87 without; 9.46 once the loop carries the parameters)."""
     peak = json.loads(run_python(_ACCUM, 8).strip().splitlines()[-1])
     assert peak["2"] < 1.15 * peak["1"], peak
+
+
+# The rules table on a mesh of every axis (2 each), read without devices (an AbstractMesh),
+# for the parameter kinds of the tiny model: [layers, ...] stacks, experts [layers, exp,
+# embed, moe_mlp]. The expected specs are written out by hand from the table's documented
+# meaning (rules.py docstring), so that a changed rule cannot agree with itself.
+_EVERY_AXIS = dict(data=2, fsdp=2, expert=2, tensor=2)
+_WANT_SPECS = {
+    "embed_tokens.weight": ("tensor", ("fsdp", "expert")),
+    "lm_head.kernel": (("fsdp", "expert"), "tensor"),
+    "norm.weight": (("fsdp", "expert"),),
+    "segments.0.layers.mlp.gate_proj.kernel": (None, ("fsdp", "expert"), "tensor"),
+    "segments.0.layers.mlp.down_proj.kernel": (None, "tensor", ("fsdp", "expert")),
+    "segments.1.layers.self_attn.q_a_proj.kernel": (None, ("fsdp", "expert"), None),
+    "segments.1.layers.self_attn.q_b_proj.kernel": (None, ("fsdp", "expert"), "tensor"),
+    "segments.1.layers.self_attn.kv_a_proj_with_mqa.kernel": (None, ("fsdp", "expert"), None),
+    "segments.1.layers.self_attn.kv_b_proj.kernel": (None, ("fsdp", "expert"), "tensor"),
+    "segments.1.layers.self_attn.kv_a_layernorm.weight": (None, ("fsdp", "expert")),
+    "segments.1.layers.self_attn.o_proj.kernel": (None, "tensor", ("fsdp", "expert")),
+    "segments.1.layers.mlp.experts.gate_proj": (None, "expert", "fsdp", "tensor"),
+    "segments.1.layers.mlp.experts.up_proj": (None, "expert", "fsdp", "tensor"),
+    "segments.1.layers.mlp.experts.down_proj": (None, "expert", "tensor", "fsdp"),
+    "segments.1.layers.mlp.gate.kernel": (None, ("fsdp", "expert"), None),
+    "segments.1.layers.mlp.shared_experts.gate_proj.kernel": (None, ("fsdp", "expert"), "tensor"),
+    "segments.1.layers.mlp.shared_experts.down_proj.kernel": (None, "tensor", ("fsdp", "expert")),
+}
+
+
+def _abstract_mesh(**sizes):
+    from jax.sharding import AbstractMesh
+
+    from dsv2_jax.sharding.mesh import AXES
+
+    return AbstractMesh(tuple(sizes.get(a, 1) for a in AXES), AXES)
+
+
+def _flat(tree):
+    from jax.sharding import PartitionSpec
+
+    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(
+                tree, is_leaf=lambda x: isinstance(x, PartitionSpec))}
+
+
+def test_rules_table_places_each_parameter_kind_on_its_axes():
+    """Experts split by expert along E, their width over tensor, their embed dimension stored
+    over fsdp; every other matrix stored over (fsdp, expert) on its embed or latent side and
+    split over tensor on its heads / MLP / vocabulary side. A rule on the wrong dimension or
+    the wrong axis still runs (and on CPU gives the same numbers) but holds and moves the
+    wrong bytes on every device."""
+    from dsv2_jax.checkpoint.hf import abstract_model
+    from dsv2_jax.sharding.rules import param_specs
+
+    specs = _flat(param_specs(abstract_model(load_config("tiny")), _abstract_mesh(**_EVERY_AXIS)))
+    for name, want in _WANT_SPECS.items():
+        assert tuple(specs[name]) == want, (name, specs[name], want)
+    # One expert axis of 4 and a tensor axis of 2: the 8 experts 2 a device, width halved.
+    specs = _flat(param_specs(abstract_model(load_config("tiny")), _abstract_mesh(expert=4, tensor=2)))
+    assert tuple(specs["segments.1.layers.mlp.experts.gate_proj"]) == (None, "expert", None, "tensor")
+    assert tuple(specs["segments.1.layers.self_attn.q_b_proj.kernel"]) == (None, "expert", "tensor")
+
+
+def test_storage_only_dimensions_are_gathered_for_use_and_the_rest_stay_split():
+    """FSDP gathers exactly the storage dimensions (embed, q_lora, kv_lora) before use; the
+    heads, MLP widths and experts stay split during compute. Gathering a compute dimension
+    holds whole weights on every device; leaving a storage one split makes every matmul
+    contract over sharded weights."""
+    from jax.sharding import PartitionSpec as P
+
+    from dsv2_jax.sharding.rules import storage_split
+
+    mesh = _abstract_mesh(**_EVERY_AXIS)
+    for axes, shape, want_used, want_gather in (
+            (("layers", "kv_lora", "kv_heads"), (32, 256), P(None, "tensor"), [(0, ("fsdp", "expert"))]),
+            (("q_lora", "q_heads"), (64, 192), P(None, "tensor"), [(0, ("fsdp", "expert"))]),
+            (("o_heads", "embed"), (128, 128), P("tensor", None), [(1, ("fsdp", "expert"))]),
+            (("exp", "embed", "moe_mlp"), (8, 128, 64), P("expert", None, "tensor"), [(1, ("fsdp",))]),
+            (("exp", "moe_mlp", "embed"), (8, 64, 128), P("expert", "tensor", None), [(2, ("fsdp",))]),
+            (("vocab", "embed"), (256, 128), P("tensor", None), [(1, ("fsdp", "expert"))]),
+            (("embed", "router"), (128, 8), P(None, None), [(0, ("fsdp", "expert"))])):
+        _, used, gather = storage_split(axes, shape, mesh)
+        assert used == want_used and gather == want_gather, (axes, used, gather)
+
+
+def test_batches_split_over_every_token_axis_and_shrink_leniently():
+    """The batch (and every token dimension) is split over data x fsdp x expert: an axis left
+    out makes its devices compute the same tokens twice. An activation the mesh does not
+    divide keeps the longest prefix of its axes that does (a generation batch of 2 on
+    data=2,expert=4 stays split over data) rather than dropping the outer axis first."""
+    from jax.sharding import PartitionSpec as P
+
+    from dsv2_jax.sharding.mesh import batch_sharding
+    from dsv2_jax.sharding.rules import batch_axes, spec_for
+
+    mesh = _abstract_mesh(**_EVERY_AXIS)
+    assert batch_axes(mesh) == ("data", "fsdp", "expert")
+    assert batch_sharding(mesh).spec == P(("data", "fsdp", "expert"))
+    de = _abstract_mesh(data=2, expert=4)
+    assert spec_for(("act_batch", "act_seq", "act_embed"), (2, 16, 64), de, lenient=True) == P("data", None, None)
+    assert spec_for(("act_batch", "act_seq"), (8, 16), de, lenient=True) == P(("data", "expert"), None)
+    assert spec_for(("act_batch",), (1,), de, lenient=True) == P(None)
+    assert spec_for(("act_batch", "act_seq", "act_heads"), (8, 4, 6), _abstract_mesh(expert=2, tensor=2),
+                    lenient=True) == P("expert", None, "tensor")
+    with pytest.raises(Exception, match="does not divide"):
+        spec_for(("act_batch",), (2,), de)  # parameters (not lenient) never shrink silently
+
+
+def test_adam_moments_follow_their_parameters():
+    """mu and nu take their parameter's sharding (FSDP / ZeRO: each device holds its shard of
+    the moments), for the project's AdamW and for a plain optax one; only the scalar counts
+    are replicated. Replicated moments cost each device twice the whole model in float32."""
+    import optax
+
+    from dsv2_jax.checkpoint.hf import abstract_model
+    from dsv2_jax.sharding.rules import optimizer_shardings, param_shardings
+    from dsv2_jax.train.optim import make_optimizer
+    from dsv2_jax.train.step import init_state, params_of
+
+    m = abstract_model(load_config("tiny"))
+    mesh = _abstract_mesh(fsdp=2, expert=2, tensor=2)
+    psh = param_shardings(m, mesh)
+    by_param = {k: s.spec for k, s in _flat(psh).items()}
+    for tx in (make_optimizer(lambda s: 1e-3), optax.adamw(1e-3)):
+        opt = jax.eval_shape(lambda p: init_state(p, tx), params_of(m))["opt_state"]
+        osh = optimizer_shardings(tx, opt, psh, mesh)
+        moments = 0
+        for path, sh in jax.tree_util.tree_leaves_with_path(osh):
+            name = ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+            match = [p for p in by_param if name.endswith(p)]
+            if match:
+                moments += 1
+                assert sh.spec == by_param[max(match, key=len)], (tx, name, sh.spec)
+            else:
+                assert sh.spec == jax.sharding.PartitionSpec(), (tx, name, sh.spec)
+        assert moments == 2 * len(by_param), (tx, moments, len(by_param))
+
+
+def test_mesh_axes_are_ordered_outermost_first():
+    """make_mesh's axes are (data, fsdp, expert, tensor), outermost first, and the device
+    order puts the inner axes on neighbouring devices: tensor's devices are consecutive
+    (the fastest links), data's the farthest apart. Swapped axes put tensor's all-reduces
+    or the expert exchange on the slow links."""
+    code = """
+import numpy as np
+from dsv2_jax.sharding.mesh import AXES, make_mesh, mesh_spec
+m = make_mesh("data=2,fsdp=2,expert=1,tensor=2")
+assert m.axis_names == AXES == ("data", "fsdp", "expert", "tensor"), m.axis_names
+ids = np.vectorize(lambda d: d.id)(m.devices)
+assert ids.shape == (2, 2, 1, 2)
+assert (ids[..., 1] - ids[..., 0] == 1).all(), ids  # tensor pairs are neighbours
+assert (ids[1] - ids[0] == 4).all(), ids  # data halves the device list
+assert mesh_spec(m) == "data=2,fsdp=2,tensor=2", mesh_spec(m)
+m = make_mesh("expert=4,fsdp=2")  # the order given does not matter
+assert dict(m.shape) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
+ids = np.vectorize(lambda d: d.id)(m.devices)
+assert (ids[0, :, :, 0] == np.arange(8).reshape(2, 4)).all(), ids
+import jax
+m = make_mesh("data=2,tensor=2", devices=jax.devices()[4:])  # a subset: the plain order
+ids = np.vectorize(lambda d: d.id)(m.devices)[:, 0, 0, :]
+assert (ids == np.array([[4, 5], [6, 7]])).all(), ids
+print("ok")
+"""
+    assert "ok" in run_python(code, 8, timeout=300)
