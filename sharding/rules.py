@@ -70,7 +70,9 @@ class ShardingError(ValueError):
 
 @contextlib.contextmanager
 def use_rules(rules: Mapping[str, tuple[str, ...]]):
-    """Run model code (and build shardings) under another rule set."""
+    """Run model code (and build shardings) under another rule set. The rules are read
+    while tracing: a function jitted under one rule set keeps it when called under another
+    (jit it again)."""
     token = _ACTIVE.set(rules)
     try:
         yield

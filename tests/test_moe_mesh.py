@@ -147,3 +147,49 @@ def test_traffic_figures_at_v2_shape():
               capped["buffer_bytes"] / 1e6)
         assert dropless["buffer_bytes"] * 5 < dropless["per_expert_scheme_buffer_bytes"]
         assert capped["buffer_bytes"] < dropless["buffer_bytes"]
+
+
+
+_RULE_SETS = r"""
+import jax, jax.numpy as jnp
+from flax import nnx
+from dsv2_jax import load_config
+from dsv2_jax.moe import MoE
+from dsv2_jax.sharding.mesh import make_mesh
+from dsv2_jax.sharding.rules import RULES, param_shardings, use_rules
+
+cfg = load_config("tiny").replace(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4,
+                                  num_experts_per_tok=2, n_group=1, topk_group=1,
+                                  capacity_factor=None, moe_backend="blocked")
+moe = MoE(cfg, rngs=nnx.Rngs(params=1))
+graphdef, state = nnx.split(moe)
+x = jax.random.normal(jax.random.key(2), (2, 5, cfg.hidden_size), jnp.float32)
+f = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=True)[0])
+want = f(state, x)
+mesh = make_mesh("tensor=2")
+for name, rules in [("default", RULES), ("width whole", dict(RULES, moe_mlp=())),
+                    ("embed on tensor", dict(RULES, embed=("tensor",)))]:
+    with use_rules(rules), jax.set_mesh(mesh):
+        shardings = jax.tree.leaves(param_shardings(moe, mesh))
+        placed = jax.tree.unflatten(jax.tree.structure(state), [
+            jax.device_put(a, s) for a, s in zip(jax.tree.leaves(state), shardings)])
+        try:  # a new jit each time: the rules are read while tracing
+            got = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=True)[0])(placed, x)
+        except ValueError as e:
+            print(f"{name}: refused:", str(e).splitlines()[0])
+            continue
+    print(f"{name}: error", float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))))
+"""
+
+
+def test_a_rule_set_decides_what_the_experts_outputs_are_summed_over():
+    """`use_rules` lets a user shard differently with no model change. The routed experts'
+    partial outputs are summed over the mesh axes their width is split over as the rules
+    place it, not over the tensor axis whenever the mesh has one: a rule set leaving the
+    width whole on a tensor mesh had every output summed twice (silently wrong losses). A
+    rule set splitting gate/up and down differently is refused, naming moe_mlp."""
+    out = run_python(_RULE_SETS, 2, timeout=600)
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    for name in ("default", "width whole"):
+        assert lines[name].startswith("error") and float(lines[name].split()[-1]) < 1e-5, out
+    assert lines["embed on tensor"].startswith("refused") and "moe_mlp" in lines["embed on tensor"], out

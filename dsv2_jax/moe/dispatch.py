@@ -80,7 +80,7 @@ class ShardSpec:
     expert_axis: str | None  # None: the experts are not split
     ep: int
     token_axes: tuple  # mesh axes the tokens are split over (psum of counts)
-    tensor_axis: str | None
+    tensor_axis: tuple[str, ...] | None  # the mesh axes the experts' width is split over
 
     @property
     def dropping(self) -> bool:
@@ -130,7 +130,7 @@ def shard_forward(x, valid, router_kernel, w_gate, w_up, w_down, spec: ShardSpec
     else:
         assert layer is None, "expert parallelism takes one layer's experts"
         y = _expert_parallel(x, idx, weight, kept, rank, buffer, w_gate, w_up, w_down, spec)
-    if spec.tensor_axis:  # each tensor rank computed its slice of the experts' width
+    if spec.tensor_axis:  # each rank there computed its slice of the experts' width
         y = jax.lax.psum(y.astype(jnp.float32), spec.tensor_axis).astype(x.dtype)
     return y, router
 

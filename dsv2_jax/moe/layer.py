@@ -107,17 +107,16 @@ def routed_moe(x, valid, router_kernel, w_gate, w_up, w_down, cfg: DeepseekV2Con
     ep = sizes.get("expert", 1)
     if E % ep:
         raise ValueError(f"n_routed_experts={E} is not divisible by the expert axis ({ep})")
-    tensor = "tensor" if sizes.get("tensor", 1) > 1 else None
     N = x.shape[0]
     pad = -N % shards
     if pad:  # padding tokens are never sent nor counted
         x = jnp.pad(x, ((0, pad), (0, 0)))
         valid = jnp.pad(valid, (0, pad))
-    spec = ShardSpec(cfg, train, _sequences_per_shard(batch, shards), backend, a2a_flavor(cfg, dropping),
-                     "expert" if ep > 1 else None, ep, token_axes, tensor)
     r_spec, _, r_gather = storage_split(("embed", "router"), router_kernel.shape, mesh)
-    w_spec, _, w_gather = storage_split(EXPERT_AXES, w_gate.shape, mesh)
-    d_spec, _, d_gather = storage_split(EXPERT_DOWN_AXES, w_down.shape, mesh)
+    w_spec, w_use, w_gather = storage_split(EXPERT_AXES, w_gate.shape, mesh)
+    d_spec, d_use, d_gather = storage_split(EXPERT_DOWN_AXES, w_down.shape, mesh)
+    spec = ShardSpec(cfg, train, _sequences_per_shard(batch, shards), backend, a2a_flavor(cfg, dropping),
+                     "expert" if ep > 1 else None, ep, token_axes, _width_axes(w_use, d_use))
 
     def body(x, valid, rk, wg, wu, wd):
         # Cast before gathering: the weights travel in the compute dtype.
@@ -137,6 +136,25 @@ def routed_moe(x, valid, router_kernel, w_gate, w_up, w_down, cfg: DeepseekV2Con
         router = jax.tree.map(lambda a: a[:N], router.replace(expert_counts=None))
         router = router.replace(expert_counts=counts)
     return y, router
+
+
+def _width_axes(gate_use: P, down_use: P) -> tuple[str, ...] | None:
+    """The mesh axes the routed experts' width (moe_mlp) stays split over once gathered for
+    use, which each shard's partial outputs are summed over: read from the specs the rules
+    give, not assumed from the mesh (a rule set that leaves the width whole on a tensor mesh
+    would otherwise have its outputs summed tensor-size times). gate/up [exp, embed, moe_mlp]
+    and down [exp, moe_mlp, embed] must split the width alike and keep embed whole."""
+    def axes(use, dim):
+        entry = (tuple(use) + (None,) * 3)[dim]
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+    width = axes(gate_use, 2)
+    if width != axes(down_use, 1) or axes(gate_use, 1) or axes(down_use, 2):
+        raise ValueError(
+            f"the sharding rules split the routed experts as gate/up {gate_use} and down "
+            f"{down_use} once gathered: their moe_mlp width must be split over the same mesh "
+            "axes in both and their embed dimension only over storage (FSDP) axes")
+    return width or None
 
 
 class MoE(nnx.Module):
