@@ -274,6 +274,22 @@ def test_plain_orbax_restores_onto_meshes(v2_orbax):
     assert r.returncode == 0 and "MESH OK" in r.stdout, r.stderr[-3000:]
 
 
+def test_orbax_parameter_the_config_lacks_is_refused(tmp_path):
+    """A checkpoint holding a parameter the config does not build (a layer more than
+    num_hidden_layers says, a shared expert it lacks) is refused by name, as an HF checkpoint
+    with an unexpected tensor is: restoring only the expected ones would silently load a
+    different model than the one saved."""
+    def arr(shape):
+        a = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+        return orbax_io.StreamedArray(shape, np.dtype(np.float32), 0, lambda: [((), a)])
+
+    path = str(tmp_path / "params")
+    orbax_io.save_streamed(path, {"norm": {"weight": arr((4,))}, "extra": {"kernel": arr((2, 3))}})
+    with pytest.raises(CheckpointError, match="unexpected parameter 'extra.kernel'"):
+        orbax_io.check_params(path, {("norm", "weight"): (4,)})
+    orbax_io.check_params(path, {("norm", "weight"): (4,), ("extra", "kernel"): (2, 3)})
+
+
 def test_exports_a_checkpoint_written_by_plain_orbax(v2_bf16, tmp_path):
     """A checkpoint saved by Orbax's own handlers (e.g. by the trainer) converts to HF."""
     import orbax.checkpoint as ocp
@@ -341,6 +357,16 @@ def test_fp8_dequantise_matches_torch_with_partial_blocks():
     np.testing.assert_array_equal(got16.view(np.int16), _np(want.to(torch.bfloat16)).view(np.int16))
     with pytest.raises(CheckpointError):  # a mis-shaped scale is refused
         fp8.dequantize(_np(q), s.numpy()[:, :1], (128, 128))
+
+def test_fp8_dequantise_with_oblong_blocks():
+    """quantization_config.weight_block_size need not be square: a row takes the scale of
+    its row block, a column that of its column block (partial edge blocks included)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(100, 70, generator=g) * 0.05
+    for block in ((32, 16), (16, 48)):
+        q, s = _quantise(w, block)
+        got = fp8.dequantize(_np(q), s.numpy(), block, np.float32)
+        np.testing.assert_array_equal(got, _torch_dequant(q, s, block).numpy(), err_msg=str(block))
 
 
 def _fp8_checkpoint(root, block=(8, 8)):

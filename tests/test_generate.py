@@ -21,8 +21,8 @@ import hf_reference as ref
 import dsv2_jax
 from dsv2_jax import from_pretrained
 from dsv2_jax.attention import attention_mask, mla_attention_reference
-from dsv2_jax.cache import (CACHE_KINDS, LayerView, cache_size, init_cache, mha_bytes_per_token, quantise,
-                            read_layer)
+from dsv2_jax.cache import (CACHE_KINDS, LayerView, cache_size, dequantise, init_cache, mha_bytes_per_token,
+                            quantise, read_layer)
 from dsv2_jax.cli import main as cli_main
 from dsv2_jax.decode import (absorb, absorbed_attention, decode_attention, decode_logits, few_row_products,
                              layer_copies, decode_step, mla_decode_blocked, mla_decode_xla, prefill, teacher_forced_logits)
@@ -136,6 +136,39 @@ def test_several_eos_ids_each_stop_and_streaming_reports_stops(hf_models):
     assert _generate_jit._cache_size() == before
 
 
+def test_streamed_tokens_are_the_output_up_to_each_stop(hf_models):
+    """`dsv2 generate` prints what on_token reports while `done` is False: each row's new
+    tokens, its stop id included, then nothing. One report per step, steps counted from 0,
+    and the stream reassembles the returned array (a `done` raised on the stop token's own
+    step would drop that token from the printed text)."""
+    _, model = hf_models["lite"]
+    ids = prompts(10, (B, T))
+    free = dsv2_jax.generate(model, ids, NEW)
+    eos = int(free[0, T + 2])  # row 0's third new token
+    seen = []
+    out = dsv2_jax.generate(model, ids, NEW, eos_id=eos,
+                            on_token=lambda s, t, d: seen.append((s, t.copy(), d.copy())))
+    assert [s for s, _, _ in seen] == list(range(out.shape[1] - T))
+    for r in range(B):
+        hits = np.flatnonzero(free[r, T:] == eos)
+        end = hits[0] + 1 if hits.size else NEW
+        streamed = [int(t[r]) for _, t, d in seen if not d[r]]
+        assert streamed == out[r, T:T + end].tolist() == free[r, T:T + end].tolist(), r
+    assert seen[2][1][0] == eos and not seen[2][2][0] and seen[3][2][0]
+
+
+def test_a_continuation_one_past_the_cache_bucket_keeps_its_last_token(hf_models):
+    """Cache and output lengths come in buckets (64, 128, ...): a prompt plus max_new_tokens
+    one past a bucket edge (7 + 58 = 65) must still give every token, the last included, as
+    HF does."""
+    hf, model = hf_models["lite"]
+    ids = prompts(16, (1, T))
+    new = 64 - T + 1
+    out = dsv2_jax.generate(model, ids, new)
+    assert out.shape == (1, T + new)
+    np.testing.assert_array_equal(out, hf_greedy(hf, ids, new))
+
+
 def test_tiny_temperature_samples_the_argmax():
     """logits / temperature overflows float32 for temperatures near 0; the sample must still
     be the largest logit, not the first of many infinities."""
@@ -213,6 +246,53 @@ def test_quantised_cache_within_stated_error(workdir, kind):
           f"mean KL {kl:.1e}")
     med_bound, kl_bound = QUANT_BOUNDS[kind]
     assert np.median(rel) <= med_bound and kl <= kl_bound, (np.median(rel), kl)
+
+
+def test_int8_cache_decodes_close_to_float32_where_attention_matters(hf_models):
+    """The widened YaRN model, whose logits depend on every cached position (unlike the
+    smoke model 10 steps into training): 21 decode steps over an int8 cache give the float32
+    cache's logits to ~2% (median over positions; measured 1.9e-2, max 5.0e-2), so every
+    token decode writes is stored with its own scales and read back with them, not only the
+    prefilled ones (a step that dropped its scales: median 0.35)."""
+    _, model = hf_models["yarn"]
+    ids = prompts(21, (2, 30))
+    lengths = np.array([3, 9], np.int32)
+    f32 = _decode_logits(model, "float32", ids, lengths, 21)
+    got = _decode_logits(model, "int8", ids, lengths, 21)
+    errs = [ref.rel_err(got[:, j], f32[:, j]) for j in range(f32.shape[1])]
+    print(f"int8 cache vs float32, relative logit error per position: median {np.median(errs):.1e} "
+          f"max {max(errs):.1e}")
+    assert np.median(errs) <= 0.05 and max(errs) <= 0.2, errs
+
+
+def test_int8_cache_rounds_each_part_to_half_a_step_of_its_own_scale():
+    """int8 rows keep one scale per part (the normed latent, the un-normed rope key): each
+    value comes back within half a quantisation step of its own part, so a rope key 300x
+    the latent's range costs the latent nothing. A zero row stays zero and finite."""
+    rng = np.random.default_rng(8)
+    C, R = 24, 8
+    for lat, rope in ((1.0, 300.0), (300.0, 1.0)):
+        rows = jnp.asarray(np.concatenate([lat * rng.normal(size=(3, 5, C)),
+                                           rope * rng.normal(size=(3, 5, R))], -1), jnp.float32)
+        rows = rows.at[0, 0].set(0.0)
+        q, s = quantise(rows, "int8", C)
+        assert q.dtype == jnp.int8 and s.shape == (3, 5, 2) and s.dtype == jnp.float32
+        back = np.asarray(dequantise(q, s, C, jnp.float32))
+        assert np.all(back[0, 0] == 0)
+        for part in (slice(0, C), slice(C, C + R)):
+            x = np.asarray(rows)[..., part]
+            step = np.abs(x).max(-1, keepdims=True) / 127
+            assert np.all(np.abs(back[..., part] - x) <= 0.5 * step * (1 + 1e-5) + 1e-30), (lat, part)
+
+
+def test_fp8_cache_clips_instead_of_overflowing():
+    """e4m3 has no infinity: a value past +-448 would be stored as NaN and reach every
+    output through the value product. It is clipped to +-448 instead."""
+    rows = jnp.asarray([[[1e3, -1e5, 3.0, 448.0, -500.0, 0.5]]], jnp.float32)
+    q, s = quantise(rows, "fp8", 4)
+    assert s is None
+    back = np.asarray(dequantise(q, None, 4, jnp.float32))
+    np.testing.assert_array_equal(back, [[[448.0, -448.0, 3.0, 448.0, -448.0, 0.5]]])
 
 
 def test_absorbed_attention_equals_expanded(hf_models):
@@ -459,6 +539,40 @@ def test_top_p_stops_at_exactly_reaching_the_mass():
     assert {0, 1} <= set(tokens.tolist())
 
 
+def test_temperature_divides_the_logits_before_top_p():
+    """HF's order: the nucleus is the one of softmax(logits / temperature). A hot sampler
+    (t = 2) keeps the 14 tokens reaching 0.6 of its flatter distribution, a cold one
+    (t = 0.5) only the argmax; a nucleus taken of the untempered logits keeps 3 either way."""
+    V, n = 50, 4000
+    base = jnp.asarray(np.random.default_rng(7).normal(size=(V,)) * 2, jnp.float32)
+    logits = jnp.broadcast_to(base, (n, V))
+    draw = jax.jit(sample_logits, static_argnames=("greedy", "filtered"))
+    order = np.argsort(-np.asarray(base))
+    for t, size in ((2.0, 14), (0.5, 1)):
+        p = np.asarray(jax.nn.softmax(base / t))[order]
+        nucleus = int(np.searchsorted(np.cumsum(p), 0.6) + 1)
+        assert nucleus == size
+        got = np.asarray(draw(logits, jax.random.key(2), t, 0, 0.6, greedy=False))
+        assert set(got.tolist()) == set(order[:nucleus].tolist()), t
+
+
+def test_every_step_draws_with_its_own_key():
+    """Sampling folds the step into the seed's key: the first token and every decode step
+    draw independently. With the output head zeroed every step's distribution is uniform, so
+    two steps agree in about 1/vocab of the rows; a step reusing another's key would repeat
+    its token in every row."""
+    cfg = dsv2_jax.load_config("tiny", num_hidden_layers=2)
+    model = dsv2_jax.init_model(cfg, seed=0)
+    head = model.embed_tokens.weight if cfg.tie_word_embeddings else model.lm_head.kernel
+    head[...] = jnp.zeros_like(head[...])
+    ids = prompts(17, (64, 4), cfg.vocab_size)
+    new = dsv2_jax.generate(model, ids, 4, temperature=1.0, seed=3)[:, 4:]
+    assert new.shape == (64, 4)
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert np.mean(new[:, a] == new[:, b]) < 0.25, (a, b)
+
+
 def test_generate_sampling_reproducible_and_degenerate_filters_are_greedy(hf_models):
     _, model = hf_models["lite"]
     ids = prompts(10, (B, T))
@@ -590,6 +704,23 @@ def test_cli_prompt_starts_with_bos_where_the_tokenizer_config_says(hf_models, t
         out = capsys.readouterr().out.split()
         want = hf_greedy(hf, [prompt], 3)[0][len(prompt) - 2:]  # the echo starts at the text
         assert out == [f"w{i}" for i in want], add
+
+
+def test_cli_stops_at_any_config_eos_id_and_prints_nothing_after(hf_models, tmp_path, capsys):
+    """config.json may name several stop ids (a list); `dsv2 generate` stops at whichever
+    comes first, prints it, and prints nothing past it (not the padding that follows)."""
+    hf, model = hf_models["lite"]
+    path = ref.save(hf, str(tmp_path / "hf"))
+    prompt = [5, 17, 3]
+    free = dsv2_jax.generate(model, [prompt], 8)[0, 3:].tolist()
+    k = next(i for i in range(1, 8) if free[i] not in free[:i])  # a first occurrence past step 0
+    other = min(set(range(97)) - set(free))  # never generated: stops nothing
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    json.dump(dict(cfg, eos_token_id=[other, free[k]]), open(os.path.join(path, "config.json"), "w"))
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", path, "--ids", "5,17,3", "--max-new-tokens", "8"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.split()]  # no tokenizer: ids
+    assert printed == prompt + free[:k + 1]
 
 
 def test_cli_refuses_a_directory_where_a_shard_belongs_in_one_line(hf_models, tmp_path, capsys):

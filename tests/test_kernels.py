@@ -296,15 +296,18 @@ def test_mla_decode_zero_length_gives_zeros():
     assert np.all(np.asarray(out[0]) == 0) and np.all(np.isfinite(np.asarray(out)))
 
 
-def test_mla_decode_ignores_rows_past_length():
-    """Stale rows past a sequence's length (NaN here) must not reach the output."""
+@pytest.mark.parametrize("variant", ["triton", "tpu"])
+def test_mla_decode_ignores_rows_past_length(variant):
+    """Stale rows past a sequence's length (NaN here) must not reach the output: both bodies
+    zero the values of the last block's dead rows (0 * NaN is NaN)."""
     rng, seed = fresh()
     q, kv = decode_inputs(rng, 2, 3, 80, 32, 16)
     lengths = jnp.asarray([37, 80], jnp.int32)
+    blocks, interpret = ((DecodeBlocks(block_h=16, block_k=16, num_splits=2), None) if variant == "triton"
+                         else (DecodeBlocks(block_h=8, block_k=32, num_splits=2), TPU))
     want = np_decode(q, kv, lengths, v_dim=32, scale=0.1)
     got = run(lambda q, kv: mla_decode(q, kv, lengths, v_dim=32, scale=0.1,
-                                       block_sizes=DecodeBlocks(block_h=16, block_k=16,
-                                                                num_splits=2)),
+                                       block_sizes=blocks, interpret=interpret),
               q, kv.at[0, 37:].set(jnp.nan))
     assert rel(got, want) < F32_TOL, seed
 
@@ -386,6 +389,22 @@ def test_mla_decode_paged(H, splits):
     assert rel(got, want) < F32_TOL, seed
     ref = mla_decode_paged_reference(q, pages, table, long, v_dim=Vd, scale=0.2)
     assert np.isfinite(np.asarray(ref)).all() and rel(ref, want) < F32_TOL, seed
+
+
+def test_mla_decode_paged_length_past_its_pages_when_splits_overhang():
+    """Five pages in two splits of three: the last split's third step lies past the
+    sequence's pages. A length past them is clipped to its own M pages (not the pool's), so
+    that step reads nothing and no page is counted twice."""
+    rng, seed = fresh()
+    B, H, M, page, Vd, R = 2, 3, 5, 16, 32, 16
+    q, pages, table = paged_inputs(rng, B, H, M, page, Vd, R, P=12)
+    lengths = jnp.asarray([M * page + 40, 50], jnp.int32)
+    blocks = DecodeBlocks(block_h=16, num_splits=2)
+    got = run(lambda q, p, t, n: mla_decode_paged(q, p, t, n, v_dim=Vd, scale=0.2,
+                                                   block_sizes=blocks), q, pages, table, lengths)
+    kv = np.asarray(pages)[np.asarray(table)].reshape(B, M * page, Vd + R)
+    want = np_decode(q, kv, np.minimum(np.asarray(lengths), M * page), v_dim=Vd, scale=0.2)
+    assert rel(got, want) < F32_TOL, seed
 
 
 @settings(max_examples=6, deadline=None)
