@@ -37,3 +37,31 @@ def test_xla_core_matches_reference(T, packed):
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
 
+
+
+def test_attention_mask_is_causal_within_equal_segments():
+    """The mask itself, against the formula written out: the core tests above feed the same
+    mask to both cores, and the layer parity tests hand it to the HF module too, so a wrong
+    mask (off-by-one diagonal, segments not kept apart) passes them."""
+    rng = np.random.default_rng(0)
+    B, T, S = 2, 5, 8
+    seg_k = np.sort(rng.integers(1, 4, (B, S)), axis=1).astype(np.int32)
+    seg_q = seg_k[:, S - T:]
+    want = np.zeros((B, 1, T, S), bool)
+    for b in range(B):
+        for t in range(T):
+            for s in range(S):
+                want[b, 0, t, s] = (t + S - T >= s) and seg_q[b, t] == seg_k[b, s]
+    got = np.asarray(attention_mask(jnp.asarray(seg_q), jnp.asarray(seg_k)))
+    assert got.shape == (B, 1, T, S) and got.dtype == bool
+    np.testing.assert_array_equal(got, want)
+    assert got[:, 0, np.arange(T), np.arange(T) + S - T].all()  # a query sees itself
+    assert not want.all() and not (want == np.tril(np.ones((T, S), bool), S - T)).all()  # segments bite
+
+    # Explicit positions (decode, packed rows): causal by position, not by index.
+    q_pos = np.array([[3, 4, 5, 6, 7], [0, 1, 2, 0, 1]], np.int32)
+    k_pos = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 0, 1, 2, 3]], np.int32)
+    ones_q, ones_k = np.ones((B, T), np.int32), np.ones((B, S), np.int32)
+    got = np.asarray(attention_mask(jnp.asarray(ones_q), jnp.asarray(ones_k), jnp.asarray(q_pos),
+                                    jnp.asarray(k_pos)))
+    np.testing.assert_array_equal(got[:, 0], q_pos[:, :, None] >= k_pos[:, None, :])

@@ -314,3 +314,24 @@ def test_yarn_frequencies_match_transformers_at_v2_settings(extra):
     base = 10000.0 ** (-np.arange(0, 64, 2) / 64)
     between = ~np.isclose(got, base, rtol=1e-5) & ~np.isclose(got, base / 40, rtol=1e-5)
     assert between.sum() >= 10
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_rmsnorm_computes_in_float32_whatever_the_input_dtype(dtype):
+    """x^2 of a float16 activation of a few hundred overflows (max 65504), and a bfloat16 mean
+    of squares loses bits: the norm must square, average and rsqrt in float32, casting only
+    its result. The parity tests run in float32 and cannot see this."""
+    from dsv2_jax.layers import RMSNorm
+
+    x = np.linspace(-900.0, 900.0, 64, dtype=np.float32).reshape(2, 32)
+    norm = RMSNorm(32, 1e-6)
+    norm.weight[...] = jnp.asarray(np.linspace(0.5, 1.5, 32), jnp.float32)
+    got = norm(jnp.asarray(x, dtype))
+    assert got.dtype == dtype
+    xq = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+    want = xq / np.sqrt(np.mean(xq * xq, axis=-1, keepdims=True) + 1e-6)
+    w = np.asarray(jnp.asarray(np.linspace(0.5, 1.5, 32), jnp.float32).astype(dtype).astype(jnp.float32))
+    want = np.asarray(jnp.asarray(want, dtype).astype(jnp.float32)) * w
+    got = np.asarray(got.astype(jnp.float32))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)

@@ -255,3 +255,20 @@ def test_forward_reads_routed_experts_from_the_stacks(model):
 
     assert not per_layer.search(hlo(False)), "a layer's experts were sliced out of the stacks"
     assert per_layer.search(hlo(True)), "the check found no per-layer expert array in training mode"
+
+
+def test_padding_segment_zero_reaches_the_routers_as_invalid(model):
+    """Segment id 0 marks padding: the model hands `segment_ids > 0` to every MoE layer, whose
+    router output then leaves those tokens out of counts, capacity and balance losses. The
+    loss tests check that on router outputs built by hand; this checks the model's side."""
+    seg = np.ones((B, T), np.int32)
+    seg[1, T - 3:] = 0
+    seg[0, T // 2:] = 2  # a second packed document is real
+    _, routers = model(_ids(4), segment_ids=jnp.asarray(seg), return_routers=True)
+    assert routers
+    want = (seg > 0).reshape(-1)
+    for r in routers:
+        valid = np.asarray(r.valid)
+        assert valid.shape[-1] == B * T, valid.shape
+        rows = valid.reshape(-1, B * T)  # one row per layer of the segment
+        np.testing.assert_array_equal(rows, np.broadcast_to(want, rows.shape))
