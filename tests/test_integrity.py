@@ -1,58 +1,14 @@
 """Unit tests of two IO helpers the end-to-end training tests only exercise in bulk.
 
-`checkpoint.integrity.probe` on a stubbed OCDBT store: every stored value is checked, the
-last one included (the damage tests in test_train_resume.py damage many values at once, so
-a probe that skipped one would still pass them). `train.metrics.MetricsLog`: non-finite
-floats are written as null (strict JSON), and a resume keeps exactly the steps up to its
-checkpoint."""
+`checkpoint.integrity.probe`: a checkpoint's metadata missing or undecodable is named.
+`train.metrics.MetricsLog`: non-finite floats are written as null (strict JSON), and a resume
+keeps exactly the steps up to its checkpoint."""
 
 import json
-import sys
-import types
 
 import pytest
 
 from dsv2_jax.checkpoint.integrity import probe
-
-
-class _Done:
-    def __init__(self, value):
-        self._value = value
-
-    def result(self):
-        return self._value
-
-
-class _Store:
-    def __init__(self, values):
-        self.values = values
-
-    def list(self):
-        return _Done(list(self.values))
-
-    def read(self, key, byte_range=None):
-        v = self.values[key]
-        return _Done(types.SimpleNamespace(value=v[byte_range] if v else b""))
-
-
-def _checkpoint(tmp_path, monkeypatch, values):
-    (tmp_path / "_METADATA").write_text("{}")
-    (tmp_path / "manifest.ocdbt").write_bytes(b"")
-    fake = types.ModuleType("tensorstore")
-    fake.KvStore = types.SimpleNamespace(open=lambda spec: _Done(_Store(values)))
-    monkeypatch.setitem(sys.modules, "tensorstore", fake)
-    return str(tmp_path)
-
-
-@pytest.mark.parametrize("missing", [None, 0, 1, 2])
-def test_probe_reads_every_value(tmp_path, monkeypatch, missing):
-    keys = [b"a/.zarray", b"a/0.0", b"b/0"]
-    values = {k: (b"" if i == missing else b"xyz") for i, k in enumerate(keys)}
-    got = probe(_checkpoint(tmp_path, monkeypatch, values))
-    if missing is None:
-        assert got is None
-    else:
-        assert got is not None and keys[missing].decode() in got
 
 
 def test_probe_reports_missing_and_undecodable_metadata(tmp_path):
