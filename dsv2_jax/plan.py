@@ -172,7 +172,7 @@ def parameter_table(cfg: DeepseekV2Config, sizes: Mapping[str, int]) -> list[Par
     from flax import nnx
     from jax.sharding import AbstractMesh, PartitionSpec
 
-    from dsv2_jax.sharding.rules import STORAGE_ONLY, param_specs
+    from dsv2_jax.sharding.rules import STORAGE_ONLY, entry_axes, param_specs
 
     model = _abstract_model(cfg)
     mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
@@ -183,7 +183,7 @@ def parameter_table(cfg: DeepseekV2Config, sizes: Mapping[str, int]) -> list[Par
         stored_div = used_div = 1
         gather = ()
         for name, entry in zip(names, tuple(spec) + (None,) * (len(var.shape) - len(spec))):
-            axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            axes = entry_axes(entry)
             n = math.prod(sizes[a] for a in axes)
             stored_div *= n
             if name in STORAGE_ONLY:

@@ -155,6 +155,11 @@ def _strip_layers(logical_axes, ndim: int) -> tuple:
     return axes
 
 
+def entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes one dimension of a PartitionSpec names: None, one axis, or several."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def storage_split(logical_axes, shape, mesh) -> tuple[P, P, list]:
     """(storage spec, spec once gathered for use, [(dim, mesh axes) to gather]) of a
     parameter: the dimensions whose names are STORAGE_ONLY lose their mesh axes."""
@@ -163,7 +168,7 @@ def storage_split(logical_axes, shape, mesh) -> tuple[P, P, list]:
     entries = tuple(spec) + (None,) * (len(shape) - len(spec))
     gather, out = [], []
     for dim, (name, entry) in enumerate(zip(axes, entries)):
-        mesh_axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        mesh_axes = entry_axes(entry)
         if name in STORAGE_ONLY and mesh_axes:
             gather.append((dim, mesh_axes))
             out.append(None)

@@ -144,9 +144,10 @@ def _width_axes(gate_use: P, down_use: P) -> tuple[str, ...] | None:
     give, not assumed from the mesh (a rule set that leaves the width whole on a tensor mesh
     would otherwise have its outputs summed tensor-size times). gate/up [exp, embed, moe_mlp]
     and down [exp, moe_mlp, embed] must split the width alike and keep embed whole."""
+    from dsv2_jax.sharding.rules import entry_axes
+
     def axes(use, dim):
-        entry = (tuple(use) + (None,) * 3)[dim]
-        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        return entry_axes((tuple(use) + (None,) * 3)[dim])
 
     width = axes(gate_use, 2)
     if width != axes(down_use, 1) or axes(gate_use, 1) or axes(down_use, 2):

@@ -48,6 +48,9 @@ def unreadable(directory: str, step: int) -> str | None:
     return probe(os.path.join(directory, str(step), "state"))
 
 
+_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__)) + os.sep
+
+
 def _orphaned_read_echo(u) -> bool:
     """Whether an unraisable exception is an echo of a failed restore's abandoned reads:
     - Orbax has closed the asyncio loop of that restore while tensorstore still completes the
@@ -65,9 +68,6 @@ def _orphaned_read_echo(u) -> bool:
     return (code is not None and isinstance(u.exc_value, Exception)
             and isinstance(u.exc_value.__cause__, GeneratorExit)
             and os.path.abspath(code.co_filename).startswith(_ORBAX_DIR))
-
-
-_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__)) + os.sep
 
 
 def _quiet_orphaned_reads() -> None:
