@@ -106,6 +106,8 @@ def test_parse_spec_accepts_the_documented_forms(tmp_path):
         ("npy:*.npy,sep", "KEY=VALUE"),
         ("npy:*.npy,sep=1,sep=2", "twice"),
         ("npy:*.npy,holdout=0.1,eval=x", "not both"),
+        ("npy:*.npy,holdout=1", "[0, 1)"),  # everything held out: nothing to train on
+        ("npy:*.npy,shard=host", "shard='host'"),
     ],
 )
 def test_bad_specs_raise_a_clear_error(spec, words):
@@ -135,6 +137,9 @@ def test_bad_data_raises_a_clear_error(tmp_path):
         next(it)
     with pytest.raises(ValueError, match="vocab_size is 100"):
         data.make_train_iter("stdlib", seq_len=8, batch_size=2, seed=0, vocab_size=100,
+                             process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="vocab_size is 255"):  # byte 255 would not fit
+        data.make_train_iter("stdlib", seq_len=8, batch_size=2, seed=0, vocab_size=255,
                              process_index=0, process_count=1)
 
 
@@ -582,3 +587,193 @@ def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
     it = data.make_train_iter(f"text:{tmp_path}/*.txt,tokenizer=bytes,holdout=0.3", seq_len=8,
                               batch_size=1, seed=0, process_index=0, process_count=1)
     assert next(it)["loss_mask"].sum() > 0
+
+
+# ------------------------------------------------------ review (mutation round 4)
+
+
+def test_sizes_and_process_index_out_of_range_are_refused():
+    """The public iterators check their own arguments (not only the CLI): a zero length or
+    batch count, or a process index outside [0, count)."""
+    for kw in (dict(seq_len=0, batch_size=2), dict(seq_len=8, batch_size=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            data.make_eval_iter("stdlib", **kw)
+    with pytest.raises(ValueError, match="max_batches must be >= 1"):
+        data.make_eval_iter("stdlib", seq_len=8, batch_size=2, max_batches=0)
+    with pytest.raises(ValueError, match=r"process_index -1 not in \[0, 2\)"):
+        data.make_train_iter("stdlib", seq_len=8, batch_size=2, seed=0,
+                             process_index=-1, process_count=2)
+
+
+def test_global_shard_rows_are_the_one_process_batch_split_by_process(tmp_path):
+    """shard=global: every process builds the whole global batch and keeps its own rows, so
+    the rows of processes 0 and 1 (in order) are exactly the batch one process would train
+    on with the global batch size."""
+    d = _write_npy_docs(tmp_path, 12)
+    spec = f"npy:{d}/*.npy,holdout=0,shard=global"
+    mk = lambda p, n, b: data.make_train_iter(spec, seq_len=16, batch_size=b, seed=3,
+                                              process_index=p, process_count=n)
+    whole = mk(0, 1, 4)  # one process, the global batch of 4 rows
+    parts = [mk(p, 2, 2) for p in range(2)]  # two processes of 2 rows each
+    for _ in range(3):
+        w = next(whole)
+        got = [next(it) for it in parts]
+        assert got[0]["inputs"].shape == (2, 16)
+        with pytest.raises(AssertionError):  # the two processes hold different rows
+            np.testing.assert_array_equal(got[0]["inputs"], got[1]["inputs"])
+        for k in KEYS:
+            np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), w[k], err_msg=k)
+
+
+def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
+    """`~` in the file GLOB, the eval GLOB and the tokenizer path is the user's home."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _word_tokenizer(tmp_path / "tok.json", {"[UNK]": 0, "a": 1, "b": 2})
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "d.txt").write_text("a b a b")
+    s = data.parse_spec("text:~/c/*.txt,tokenizer=~/tok.json,eval=~/c/d.txt")
+    assert (s.pattern, s.tokenizer, s.eval_pattern) == (
+        f"{tmp_path}/c/*.txt", f"{tmp_path}/tok.json", f"{tmp_path}/c/d.txt")
+    docs, _ = _docs_from_eval(data.make_eval_iter(
+        "text:~/c/*.txt,tokenizer=~/tok.json,eval=~/c/*.txt", seq_len=8, batch_size=1))
+    assert docs == [[1, 2, 1, 2]]
+
+
+def test_a_file_named_alone_splits_like_through_a_glob(tmp_path):
+    """A document's held-out key is its path relative to the glob's directory (plus the line):
+    naming the one file, or matching it with a wildcard, holds out the same documents."""
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": f"<{i:03d}> doc"}) + "\n")
+
+    def held(pattern):
+        spec = f"jsonl:{pattern},tokenizer=bytes,holdout=0.3"
+        docs, _ = _docs_from_eval(data.make_eval_iter(spec, seq_len=16, batch_size=4))
+        return sorted(int(bytes(d[1:4]).decode()) for d in docs)
+
+    by_glob = held(f"{tmp_path}/*.jsonl")
+    assert 5 < len(by_glob) < 40
+    assert held(f"{tmp_path}/docs.jsonl") == by_glob
+
+
+def test_directories_matching_the_glob_are_not_read_as_files(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text, long enough to train on")
+    (tmp_path / "sub.txt").mkdir()  # a directory whose name matches the glob
+    (tmp_path / "sub.txt" / "b.txt").write_text("not matched by a non-recursive glob")
+    it = data.make_train_iter(f"text:{tmp_path}/*,tokenizer=bytes,holdout=0", seq_len=8,
+                              batch_size=2, seed=0, process_index=0, process_count=1)
+    rows = [bytes(r[s > 0].astype(np.uint8)) for b in _take(it, 8)
+            for r, s in zip(b["inputs"], b["segment_ids"])]
+    assert all(r in b"plain text, long enough to train on" for r in rows)
+
+
+def test_eval_glob_files_are_never_trained_on(tmp_path):
+    """eval=GLOB names the held-out files: they are taken out of the training files even
+    where the main GLOB matches them too."""
+    d = _write_npy_docs(tmp_path, 10)
+    spec = f"npy:{d}/*.npy,eval={d}/doc00[0-2].npy"
+    assert _doc_ids(data.make_eval_iter(spec, seq_len=32, batch_size=4)) == {0, 1, 2}
+    it = data.make_train_iter(spec, seq_len=32, batch_size=4, seed=0,
+                              process_index=0, process_count=1)
+    assert _doc_ids(_take(it, 30)) == set(range(3, 10))
+
+
+@pytest.mark.parametrize("fmt", ["text", "jsonl"])
+def test_byte_level_user_data_counts_one_byte_per_target(tmp_path, fmt):
+    """tokenizer=bytes: every counted target is one byte, so bits per byte can be reported."""
+    texts = ["héllo, wörld: some text", "x = 1\ny = 2\n", "日本語のテキスト"]
+    if fmt == "text":
+        for i, t in enumerate(texts):
+            (tmp_path / f"{i}.txt").write_text(t, encoding="utf-8")
+        spec = f"text:{tmp_path}/*.txt,tokenizer=bytes,eval={tmp_path}/*.txt"
+    else:
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        spec = f"jsonl:{tmp_path}/d.jsonl,tokenizer=bytes,eval={tmp_path}/d.jsonl"
+    batches = list(data.make_eval_iter(spec, seq_len=64, batch_size=2))
+    counted = sum(int(b["loss_mask"].sum()) for b in batches)
+    assert counted == sum(len(t.encode()) - 1 for t in texts)
+    assert sum(int(b["num_bytes"].sum()) for b in batches) == counted
+
+
+def test_bad_values_inside_files_are_refused_naming_them(tmp_path):
+    (tmp_path / "n.jsonl").write_text('{"text": "ok ok"}\n{"text": 5}\n')
+    it = data.make_eval_iter(f"jsonl:{tmp_path}/n.jsonl,tokenizer=bytes,eval={tmp_path}/n.jsonl",
+                             seq_len=4, batch_size=1)
+    with pytest.raises(ValueError, match=r"n.jsonl:2: field 'text' is int, not a string"):
+        next(iter(it))
+    np.save(tmp_path / "neg.npy", np.array([3, 4, -1, 5], np.int32))
+    it = data.make_eval_iter(f"npy:{tmp_path}/neg.npy,eval={tmp_path}/neg.npy", seq_len=4,
+                             batch_size=1)
+    with pytest.raises(ValueError, match="neg.npy: negative token id -1"):
+        next(iter(it))
+
+
+def test_one_file_shows_every_document_once_before_any_twice(tmp_path):
+    """Files are mixed in up to 16 at a time, but never more than the shard has: a one-file
+    corpus is read one epoch after the other (not 16 shuffled epochs of it at once, which
+    repeats documents long before the others are seen)."""
+    n = 64  # documents of exactly seq_len tokens: one row each, every row full
+    arr = np.concatenate([[i * 10 + 1, i * 10 + 2, i * 10 + 3, 0] for i in range(1, n + 1)])
+    np.save(tmp_path / "one.npy", arr.astype(np.int32))
+    it = data.make_train_iter(f"npy:{tmp_path}/one.npy,sep=0,holdout=0", seq_len=4,
+                              batch_size=4, seed=0, process_index=0, process_count=1)
+    docs = [int(r[0]) // 10 for b in _take(it, n // 4) for r in b["inputs"]]
+    assert sorted(docs) == list(range(1, n + 1))
+
+
+def test_a_finished_eval_iterator_restores_finished(tmp_path):
+    """The eval stream is checkpointable too: the state of an iterator that has given every
+    batch restores to one that gives no more (not an error claiming there are no documents)."""
+    d = _write_npy_docs(tmp_path, 6)
+    ds = data.make_eval_iter(f"npy:{d}/*.npy,eval={d}/*.npy", seq_len=16, batch_size=2)
+    it = iter(ds)
+    n = len(list(it))
+    assert n >= 2
+    again = iter(ds)
+    again.set_state(json.loads(json.dumps(it.get_state())))
+    assert list(again) == []
+    half = iter(ds)
+    _take(half, 1)
+    rest = iter(ds)
+    rest.set_state(half.get_state())
+    _assert_batches_equal(list(rest), list(ds)[1:])
+
+
+def test_text_file_split_errors_come_before_reading(tmp_path):
+    """Text files are whole documents, split by file: an empty held-out side, or no training
+    file left, is refused when the iterator is made, naming the cause."""
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_text(f"text of {name}, long enough")
+    # the keys' hashes: none of a, b, c is held out at 0.02; b and c are at 0.9, a is not
+    assert [data._is_held_out(k, 0.02) for k in ("a.txt", "b.txt", "c.txt")] == [False] * 3
+    assert [data._is_held_out(k, 0.9) for k in ("a.txt", "b.txt", "c.txt")] == [False, True, True]
+    with pytest.raises(ValueError, match="held-out split is empty"):
+        data.make_eval_iter(f"text:{tmp_path}/*.txt,tokenizer=bytes", seq_len=8, batch_size=1)
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(ValueError, match="no training files are left"):
+        data.make_train_iter(f"text:{tmp_path}/*.txt,tokenizer=bytes,holdout=0.9", seq_len=8,
+                             batch_size=1, seed=0, process_index=0, process_count=1)
+
+
+def test_utf8_byte_ends_at_every_encoding_length_boundary():
+    text = "a\x7f\x80\u07ff\u0800\uffff\U00010000\U0010ffff"
+    want = np.cumsum([0] + [len(c.encode("utf-8")) for c in text])
+    np.testing.assert_array_equal(data._utf8_char_byte_ends(text), want)
+
+
+def test_the_seed_sets_the_file_order_and_the_piece_mix():
+    """Both seeded draws depend on the seed: each epoch's file order, and which open file
+    gives the next piece."""
+    files = [f"f{i}" for i in range(12)]
+    orders = {s: [data._EpochOrder(files, seed=s)(i) for i in range(12)] for s in range(3)}
+    assert len({tuple(o) for o in orders.values()}) == 3
+    t = lambda i, j: {"inputs": np.array([i * 10 + j, 0], np.int32)}
+    per_file = [[t(i, j) for j in range(5)] for i in range(4)]
+
+    def mixed(seed):
+        ds = data._PieceMixDataset(grain.MapDataset.source(per_file), cycle=4, seed=seed,
+                                   what="x", epoch=4)
+        return [int(p["inputs"][0]) for p in ds]
+
+    assert mixed(1) == mixed(1) and sorted(mixed(1)) == sorted(mixed(2))
+    assert len({tuple(mixed(s)) for s in range(3)}) == 3

@@ -186,6 +186,7 @@ def test_info_uses_units_that_fit(capsys):
     assert cli_main(["info", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "(1.09M)" in out and "0.00B" not in out
+    assert "tiny: 4 layers, hidden 128, 8 routed experts (top-2)" in out  # the tiny preset's shape
     from dsv2_jax.params import human_count
 
     assert human_count(235_741_434_880) == "235.74B"

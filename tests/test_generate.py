@@ -675,6 +675,7 @@ def test_cli_generate_uses_the_directory_tokenizer_json(hf_models, tmp_path, cap
     (["--ids", "1,x"], "--ids"),
     (["--ids", "1,,2"], "--ids"),
     (["--ids", "1,2", "--eos-id", "500"], "eos_id 500"),
+    (["--ids", "1,2", "--eos-id", ""], "--eos-id"),  # not "no stop id"
 ])
 def test_cli_errors_are_one_line(workdir, capsys, args, msg):
     rc = cli_main(["generate", "--model", workdir, *args])
@@ -704,6 +705,10 @@ def test_cli_prompt_starts_with_bos_where_the_tokenizer_config_says(hf_models, t
         out = capsys.readouterr().out.split()
         want = hf_greedy(hf, [prompt], 3)[0][len(prompt) - 2:]  # the echo starts at the text
         assert out == [f"w{i}" for i in want], add
+    # a prompt that already starts with BOS gets no second one
+    assert cli_main(["generate", "--model", path, "--prompt", "w9 w5 w17", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == [f"w{i}" for i in hf_greedy(hf, [[9, 5, 17]], 3)[0]]
 
 
 def test_cli_stops_at_any_config_eos_id_and_prints_nothing_after(hf_models, tmp_path, capsys):
@@ -778,3 +783,81 @@ def test_a_run_keeps_its_tokenizer_and_a_lost_one_is_refused(tmp_path):
     (lost / "run.json").write_text(json.dumps({"data": "text:x/*.txt,tokenizer=gone/tokenizer.json"}))
     with pytest.raises(ValueError, match="whose tokenizer is not found from here.*--tokenizer"):
         load_tokenizer(str(lost), 256)
+
+
+def test_the_tokenizer_lookup_order(tmp_path):
+    """DIR/tokenizer.json first; then the tokenizer of run.json's data spec (byte-level for
+    `stdlib` and `tokenizer=bytes`); then byte-level for vocab_size 256; else none. An
+    unreadable run.json counts as absent."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dsv2_jax.cli_generate import ByteTokenizer, FileTokenizer, load_tokenizer
+
+    def model_dir(name, run_json=None):
+        d = tmp_path / name
+        d.mkdir()
+        if run_json is not None:
+            (d / "run.json").write_text(run_json)
+        return str(d)
+
+    both = model_dir("both", json.dumps({"data": "stdlib"}))
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(both, "tokenizer.json"))
+    assert isinstance(load_tokenizer(both, 256), FileTokenizer)
+    byte_run = model_dir("bytes", json.dumps({"data": f"text:{tmp_path}/*.txt,tokenizer=bytes"}))
+    assert isinstance(load_tokenizer(byte_run, 1000), ByteTokenizer)
+    for i, text in enumerate(("{not json", "[1, 2]", None)):
+        d = model_dir(f"plain{i}", text)
+        assert isinstance(load_tokenizer(d, 256), ByteTokenizer), text
+        assert load_tokenizer(d, 97) is None, text
+
+
+def test_streaming_holds_back_a_character_split_over_tokens(tmp_path):
+    """Printed token by token, a character whose bytes come in several tokens appears once
+    whole (not as a replacement character); an invalid byte is replaced, not an error."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dsv2_jax.cli_generate import ByteTokenizer, FileTokenizer
+
+    text = "héllo 日本 🎉!"
+    feed = ByteTokenizer().stream_decoder()
+    assert "".join(feed([b]) for b in text.encode()) == text
+    assert ByteTokenizer().stream_decoder()([0xFF, 0x61]) == "\ufffda"
+    tok = Tokenizer(models.BPE())  # byte-level BPE without merges: one token per byte
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ft = FileTokenizer(str(tmp_path / "tokenizer.json"))
+    ids = ft.encode(text)
+    assert len(ids) == len(text.encode())
+    feed = ft.stream_decoder()
+    parts = [feed([i]) for i in ids]
+    assert "".join(parts) == text and not any("\ufffd" in p for p in parts)
+
+
+def test_cli_tokenizer_flag_and_ids_past_a_lost_tokenizer(hf_models, tmp_path, capsys):
+    """--tokenizer PATH serves a directory without tokenizer.json; --ids need no tokenizer, so
+    a run.json naming a lost one does not stop them (the output is ids); a config stop id
+    outside the vocabulary can never be generated and is left out, not refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf, _ = hf_models["lite"]
+    path = ref.save(hf, str(tmp_path / "hf"))
+    words = [f"w{i}" for i in range(97)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "elsewhere.json"))
+    want = hf_greedy(hf, [[5, 17, 3]], 4)[0]
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", path, "--tokenizer", str(tmp_path / "elsewhere.json"),
+                     "--prompt", "w5 w17 w3", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.split() == [words[i] for i in want]
+    with open(os.path.join(path, "run.json"), "w") as f:
+        json.dump({"data": "text:x/*.txt,tokenizer=gone/tokenizer.json"}, f)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    json.dump(dict(cfg, eos_token_id=500), open(os.path.join(path, "config.json"), "w"))
+    assert cli_main(["generate", "--model", path, "--ids", "5,17,3", "--max-new-tokens", "4"]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == want.tolist()

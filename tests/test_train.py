@@ -123,7 +123,8 @@ def test_sigkill_mid_run_then_rerun_finishes(tmp_path):
 
 def test_eval_and_plot_cli(tmp_path, capsys):
     wd = str(tmp_path / "run")
-    train(TrainArgs(workdir=wd, steps=3, checkpoint_every=3, **SMALL))
+    # a model that holds exactly the 64 positions it trains and evaluates on
+    train(TrainArgs(workdir=wd, steps=3, checkpoint_every=3, set=["max_position_embeddings=64"], **SMALL))
     assert cli_main(["eval", "--model", wd, "--batch-size", "2", "--seq-len", "64", "--max-batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "bits/byte" in out and "perplexity" in out
@@ -137,6 +138,23 @@ def test_eval_and_plot_cli(tmp_path, capsys):
     assert r["bytes"] == r["tokens"] > 0
     assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / (math.log(2) * r["bytes"]), rel=1e-9)
     assert r["bits_per_byte"] == pytest.approx(r["loss"] / math.log(2), rel=1e-9)
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]), rel=1e-9)
+    # Pre-tokenised data: bytes unknown, so no bits per byte; --max-batches batches exactly
+    # (one 64-token document per row: 63 counted targets each); ids past the model's
+    # vocabulary and a --seq-len past its positions are refused; progress=False prints nothing.
+    d = tmp_path / "npy"
+    d.mkdir()
+    for i in range(3):
+        np.save(d / f"{i}.npy", np.arange(i, i + 64, dtype=np.int32))
+    spec = f"npy:{d}/*.npy,eval={d}/*.npy"
+    r = evaluate(wd, spec, batch_size=1, seq_len=64, max_batches=2, progress=False)
+    assert (r["bits_per_byte"], r["bytes"], r["tokens"]) == (None, 0, 2 * 63)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings 64"):
+        evaluate(wd, spec, batch_size=1, seq_len=65, progress=False)
+    np.save(d / "x_past_vocab.npy", np.array([1, 256], np.int32))
+    with pytest.raises(ValueError, match="token id 256 does not fit the model vocab_size 256"):
+        evaluate(wd, spec, batch_size=1, seq_len=64, progress=False)
+    assert "eval:" not in capsys.readouterr().err
     assert cli_main(["plot", wd]) == 0
     assert os.path.getsize(os.path.join(wd, "metrics.png")) > 1000
 
