@@ -4,6 +4,7 @@ No speed is asserted here (machines are shared); the figures are in docs/benchma
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -142,3 +143,100 @@ def test_bad_bench_arguments_are_refused_before_timing(tmp_path, capsys):
                         (["--doc", str(tmp_path / "no" / "such.md")], "no folder")):
         assert cli_main(["bench", *args]) == 1
         assert words in capsys.readouterr().err
+
+
+def test_decode_reads_the_active_weights_the_experts_the_batch_uses_and_the_latent_cache():
+    """decode_bytes_per_step, the decode row's memory bound: one row reads exactly the weights
+    a token uses (the active parameters); a large batch reads every routed expert of each
+    MoE layer once (E (1 - (1 - K/E)^B) of them, capped at E, not K per row); the cache adds
+    (kv_lora_rank + qk_rope_head_dim) values per position and layer; float32 by default."""
+    from dsv2_jax.params import count_params
+
+    # 3 layers, the last two MoE: 8 experts of 3 x 128 x 64 each, top-2
+    cfg = B.bench_config(quick=True).replace(num_hidden_layers=3)
+    _, active = count_params(cfg)
+    assert (cfg.first_k_dense_replace, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size,
+            cfg.moe_intermediate_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim) == (1, 8, 2, 128, 64, 32, 8)
+    expert = 3 * 128 * 64
+    assert B.decode_bytes_per_step(cfg, 1, 0) == active * 4
+    assert B.decode_bytes_per_step(cfg, 1, 0, dtype_bytes=2) == active * 2
+    two_rows = 8 * (1 - 0.75 ** 2)  # experts two rows use, on average
+    assert B.decode_bytes_per_step(cfg, 2, 0) == pytest.approx((active + 2 * (two_rows - 2) * expert) * 4)
+    assert B.decode_bytes_per_step(cfg, 500, 0) == pytest.approx((active + 2 * 6 * expert) * 4)
+    cache = B.decode_bytes_per_step(cfg, 3, 100) - B.decode_bytes_per_step(cfg, 3, 0)
+    assert cache == pytest.approx(3 * 100 * (32 + 8) * 3 * 4)
+
+
+class _FixedSide:
+    """A bench side whose calls take fixed times: `base` seconds per call plus `per_token`
+    for each new token of a decode call."""
+
+    def __init__(self, base, per_token=0.0):
+        self.base, self.per_token, self.prepared = base, per_token, []
+
+    def prepare(self, key, case, warm=((),), **kw):
+        self.prepared.append((key, case, kw))
+        return 7.0  # MB
+
+    def time(self, key, *args):
+        return self.base + self.per_token * (args[0] if args else 0)
+
+    def drop(self, key):
+        pass
+
+
+def test_train_and_decode_rows_turn_seconds_into_tokens_per_second_and_ratios():
+    """bench_train: B x T x steps tokens per timed call, the ratio transformers' seconds over
+    ours (> 1: ours faster), each round's ratio the same way, the FLOPs per token of the
+    config at T. bench_decode: B x new tokens over the decode-only seconds, against the bytes
+    of a step at the mean cache length of the timed steps (prompt + new / 2)."""
+    from dsv2_jax.train.metrics import train_flops_per_token
+
+    cfg = B.bench_config(quick=True)
+    sides = types.SimpleNamespace(ours=_FixedSide(0.5), theirs=_FixedSide(2.0))
+    r = B.bench_train(sides, cfg, 2, 32, 3, rounds=2)
+    assert r["ours_tok_s"] == 2 * 32 * 3 / 0.5 and r["hf_tok_s"] == 2 * 32 * 3 / 2.0
+    assert r["ratio"] == 4.0 and r["ratio_rounds"] == [4.0, 4.0]
+    assert r["flops_per_token"] == train_flops_per_token(cfg, 32) and r["ours_peak_mb"] == 7.0
+    sides = types.SimpleNamespace(ours=_FixedSide(1.0, 0.01), theirs=_FixedSide(1.0, 0.04))
+    r = B.bench_decode(sides, cfg, 2, 64, 8, rounds=3)
+    assert r["ours_tok_s"] == pytest.approx(2 * 8 / 0.08) and r["hf_tok_s"] == pytest.approx(2 * 8 / 0.32)
+    assert r["ratio"] == pytest.approx(4.0) and r["ratio_rounds"] == pytest.approx([4.0] * 3)
+    assert r["batch"] == 2 and r["bytes_per_step"] == B.decode_bytes_per_step(cfg, 2, 64 + 4)
+
+
+def test_the_train_and_decode_rows_of_the_table():
+    """The doc table's train row shows each side's tokens/s with its own MFU; a decode row
+    ours against its bound, then transformers'."""
+    res = {"train": {"ours_tok_s": 100.0, "hf_tok_s": 200.0, "ours_mfu": 0.25, "hf_mfu": 0.5,
+                     "ratio": 2.0, "ratio_rounds": [1.9, 2.1], "ours_peak_mb": 10.0, "hf_peak_mb": 20.0,
+                     "shape": "2 x 32"},
+           "decode_1x256": {"ours_tok_s": 30.0, "hf_tok_s": 10.0, "ours_of_bound": 0.6, "bound_tok_s": 50.0,
+                            "ratio": 0.33, "ours_peak_mb": 1.0, "hf_peak_mb": 2.0}}
+    rows = B.table(res).splitlines()
+    assert ("| train (2 x 32) | 100 tok/s, MFU 25% | 200 tok/s, MFU 50% | 2.00x (1.90-2.10) | "
+            ">= 1.5x, MFU >= 65% | peak +10 MB vs +20 MB |") in rows
+    assert ("| decode batch 1, 256 prompt | 30.0 tok/s (60% of the 50 tok/s bound) | 10.0 tok/s | 0.33x | "
+            ">= 1.5x, >= 75% of bound | peak +1 MB vs +2 MB |") in rows
+
+
+def test_moe_row_ratio_is_moe_over_dense():
+    """The MoE row: one MoE layer's and the same-FLOPs dense SwiGLU's milliseconds (forward +
+    backward), their ratio MoE over dense, and with one round that round's ratio the same."""
+    r = B.bench_moe(B.bench_config(quick=True), 16, 1)
+    assert r["moe_ms"] > 0 and r["dense_ms"] > 0
+    assert r["ratio"] == pytest.approx(r["moe_ms"] / r["dense_ms"], rel=1e-12)
+    assert r["ratio_rounds"] == [pytest.approx(r["ratio"], rel=1e-12)]
+
+
+def test_train_flops_per_token_counts_the_active_weights_and_causal_attention():
+    """The FLOPs of one trained token (the MFU's numerator): 6 per active parameter, plus
+    causal attention, q.k and p.v over T/2 keys on average, forward and backward (x3): on
+    tiny (610,816 active parameters; 4 layers of 4 heads, q.k dimension 48, v 32) at T = 64."""
+    from dsv2_jax import load_config
+    from dsv2_jax.params import count_params
+    from dsv2_jax.train.metrics import train_flops_per_token
+
+    cfg = load_config("tiny")
+    assert count_params(cfg)[1] == 610_816
+    assert train_flops_per_token(cfg, 64) == 6 * 610_816 + 3 * 4 * 64 * 4 * (48 + 32)

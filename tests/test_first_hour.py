@@ -112,6 +112,23 @@ def test_a_resume_keeps_the_runs_seed_and_refuses_another(tmp_path, capsys):
         assert [json.loads(line)["step"] for line in f] == [1, 2]
 
 
+def test_the_flags_a_resume_keeps_count_as_given_only_when_given():
+    """`dsv2 train` leaves every flag a resume takes from the run unset (None) unless the
+    command names it: a flag parsed to its default would count as given and reset the run's
+    setting to the default on every resume."""
+    from dsv2_jax.cli import build_parser
+    from dsv2_jax.train.loop import _KEPT_ON_RESUME
+
+    a = build_parser().parse_args(["train"])
+    assert {k: getattr(a, k) for k in _KEPT_ON_RESUME} == dict.fromkeys(_KEPT_ON_RESUME)
+    flags = {k: "--" + k.replace("_", "-") for k in _KEPT_ON_RESUME}
+    values = dict(data="stdlib", seq_len="256", batch_size="8", seed="0", steps="300", lr="0.003",
+                  warmup_steps="0", schedule="cosine", clip="1.0", weight_decay="0.1", mesh="data=1",
+                  grad_accum="1")
+    a = build_parser().parse_args(["train", *[x for k in _KEPT_ON_RESUME for x in (flags[k], values[k])]])
+    assert all(getattr(a, k) is not None for k in _KEPT_ON_RESUME)
+
+
 def test_optimizer_flags_and_init_from_with_config_are_refused(tmp_path, capsys):
     wd = str(tmp_path / "run")
     for flag, value in (("--lr", "-1"), ("--weight-decay", "-5"), ("--warmup-steps", "-3"),
@@ -120,6 +137,21 @@ def test_optimizer_flags_and_init_from_with_config_are_refused(tmp_path, capsys)
         assert flag in capsys.readouterr().err
     assert cli_main(["train", "--workdir", wd, "--init-from", str(tmp_path), "--config", "v2"]) == 1
     assert "--config and --init-from both name the model" in capsys.readouterr().err
+    assert not os.path.exists(wd)
+
+
+def test_counts_below_one_and_an_uneven_accumulation_are_refused_in_one_line(tmp_path, capsys):
+    """Each count flag below 1 is refused naming it, before any file is written (a zero
+    --grad-accum would otherwise end in a division by zero, a zero --steps in a run that
+    trains nothing); so is a batch that --grad-accum does not divide."""
+    wd = str(tmp_path / "run")
+    for flag in ("--steps", "--batch-size", "--seq-len", "--checkpoint-every", "--keep-checkpoints",
+                 "--grad-accum", "--log-every", "--max-nonfinite"):
+        assert cli_main(["train", "--workdir", wd, flag, "0"]) == 1
+        err = capsys.readouterr().err
+        assert err == f"dsv2: error: {flag} must be >= 1, got 0\n", err
+    assert cli_main(["train", "--workdir", wd, "--batch-size", "6", "--grad-accum", "4"]) == 1
+    assert "--batch-size 6 is not divisible by --grad-accum 4" in capsys.readouterr().err
     assert not os.path.exists(wd)
 
 
@@ -142,6 +174,15 @@ def test_readme_mesh_example_runs_on_the_shipped_preset(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "each token reaches at most 1 of 2 (the config says 2 of 4 groups)" in r.stdout
     assert "mesh expert=2 over 2 cpu device(s)" in r.stdout
+    # MFU: the step's FLOPs over both devices' peak (float32 on CPU: 0.155 TFLOP/s each)
+    import json
+
+    from dsv2_jax import load_config
+    from dsv2_jax.train.metrics import train_flops_per_token
+
+    flops = train_flops_per_token(load_config("tiny"), 32) * 2 * 32
+    for rec in map(json.loads, open(tmp_path / "ep" / "metrics.jsonl")):
+        assert rec["mfu"] == pytest.approx(flops / rec["step_time"] / (2 * 0.155e12), rel=1e-9)
     # a micro-batch must give every token shard whole sequences
     r = subprocess.run(cmd[:-8] + ["--workdir", str(tmp_path / "ga"), "--steps", "2", "--batch-size", "2",
                                    "--grad-accum", "2", "--seq-len", "32"],
@@ -160,6 +201,24 @@ def test_default_workdir_is_named_after_the_config():
     assert default_workdir("tiny", "/ckpts/DeepSeek-V2-Lite/") == os.path.join("runs", "DeepSeek-V2-Lite")
 
 
+def test_init_from_without_a_workdir_runs_in_runs_named_after_it(tmp_path, monkeypatch, capsys):
+    """`dsv2 train --init-from DIR` without --workdir uses runs/<DIR's name>, not runs/tiny
+    (the --config default's): here that workdir already holds a run of another model, and
+    the command is refused naming it (nothing is loaded or trained)."""
+    from dsv2_jax import load_config
+
+    src = tmp_path / "my-model"
+    src.mkdir()
+    load_config("tiny").save(str(src / "config.json"))
+    wd = tmp_path / "runs" / "my-model"
+    os.makedirs(wd / "checkpoints" / "1")
+    load_config("tiny", hidden_size=64).save(str(wd / "config.json"))
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", "--init-from", str(src), "--steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{os.path.join('runs', 'my-model')} holds a run of a different config (hidden_size" in err, err
+
+
 @pytest.mark.parametrize("cmd", ["train", "eval", "convert"])
 def test_help_lists_defaults(cmd, capsys):
     with pytest.raises(SystemExit):
@@ -169,8 +228,11 @@ def test_help_lists_defaults(cmd, capsys):
     if cmd == "train":
         for want in ("(default: tiny)", "(default: 300)", "(default: 256)", "(default: stdlib)",
                      "runs/<config name>", "HF safetensors directory", "dsv2 Orbax checkpoint",
-                     "training workdir", "(default: cosine)"):
+                     "training workdir", "(default: cosine)", "peak learning rate (default: 0.003)",
+                     "AdamW weight decay (default: 0.1)", "clip, 0: off (default: 1.0)",
+                     "micro-batches per step, their gradients averaged (default: 1)"):
             assert want in " ".join(out.split()), want
+        assert "(default: [])" not in out  # --set: none
 
 
 def test_eval_refuses_bad_flags_before_loading_a_model(tmp_path, capsys):
@@ -208,6 +270,59 @@ def test_plot_has_losses_lr_and_load(tmp_path):
     out = plot(str(wd))
     assert os.path.getsize(out) > 1000
     assert smooth([1.0, 1.0, float("nan"), 1.0]) == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_plot_draws_each_curve_from_its_own_metric(tmp_path, monkeypatch):
+    """The losses panel: raw and smoothed CE, the smoothed total, and on its own axis the
+    smoothed balance-loss part total - CE (positive: the balance losses add to CE); the
+    learning rate and the expert load below. (The figure is kept open to read its lines.)
+    An output folder gets metrics.png inside it."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from dsv2_jax.train.plot import plot, smooth
+
+    wd = tmp_path / "run"
+    wd.mkdir()
+    recs = [{"step": s, "ce": 3.0 - 0.05 * s, "loss": 3.0 - 0.05 * s + 0.01 * (1 + s % 3),
+             "lr": 1e-3 * min(1, s / 5), "load_max_over_mean": 1.5 + 0.01 * s,
+             "load_min_over_mean": 0.5 - 0.01 * s, "dropped_fraction": 0.02 * (s % 2)} for s in range(1, 21)]
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    monkeypatch.setattr(plt, "close", lambda *a: None)
+    out = plot(str(wd), str(tmp_path))  # a folder: the PNG goes inside
+    assert out == str(tmp_path / "metrics.png") and os.path.getsize(out) > 1000
+    fig = plt.gcf()
+    try:
+        lines = {ln.get_label(): list(ln.get_ydata()) for ax in fig.axes for ln in ax.get_lines()}
+    finally:
+        plt.close(fig)
+    col = lambda k: [r[k] for r in recs]
+    aux = [t - c for t, c in zip(col("loss"), col("ce"))]
+    assert lines["cross entropy"] == col("ce")
+    assert lines["cross entropy (smoothed)"] == smooth(col("ce"))
+    assert lines["total loss (smoothed)"] == smooth(col("loss"))
+    assert lines["total - CE: balance losses (smoothed)"] == pytest.approx(smooth(aux), abs=1e-12)
+    assert min(lines["total - CE: balance losses (smoothed)"]) > 0
+    assert [lines[k] for k in ("max / mean expert load", "min / mean expert load", "dropped fraction")] == [
+        col("load_max_over_mean"), col("load_min_over_mean"), col("dropped_fraction")]
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == col("lr")  # the middle panel
+
+
+def test_smooth_is_a_bias_corrected_moving_average():
+    """smooth: the exponential moving average with weight alpha on the newest value, divided
+    by the weight seen so far, so the first point is the first value (not alpha times it)
+    and NaNs are skipped."""
+    import math
+
+    from dsv2_jax.train.plot import smooth
+
+    a = 0.1
+    want2 = (a * 0.9 * 2.0 + a * 4.0) / (a * 0.9 + a)
+    assert smooth([2.0, 4.0]) == pytest.approx([2.0, want2], rel=1e-12)
+    assert smooth([2.0, 4.0], alpha=0.5) == pytest.approx([2.0, (0.25 * 2.0 + 0.5 * 4.0) / 0.75], rel=1e-12)
+    got = smooth([float("nan"), 2.0, float("nan")])
+    assert math.isnan(got[0]) and got[1:] == [2.0, 2.0]
 
 
 def test_malformed_input_is_one_line_not_a_traceback(tmp_path, capsys):
@@ -249,6 +364,11 @@ def test_malformed_input_is_one_line_not_a_traceback(tmp_path, capsys):
     (wd / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "lr": 1e-3}) + "\n")
     assert plot(str(wd), str(tmp_path / "myplot")) == str(tmp_path / "myplot.png")
     assert os.path.exists(tmp_path / "myplot.png")
+    # the file system's refusals (here: no such folder to write into) are one line too
+    capsys.readouterr()
+    assert cli_main(["plot", str(wd), "--out", str(tmp_path / "no" / "such" / "p.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dsv2: error: ") and "no/such/p.png" in err and err.count("\n") == 1, err
 
 
 def test_out_of_memory_is_one_line_with_what_would_help(monkeypatch, capsys):

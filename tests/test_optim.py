@@ -1,6 +1,8 @@
 """The learning-rate schedule, its default warm-up and the weight-decay mask, with values
 (train/optim.py, docs/training.md "Optimizer")."""
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -62,3 +64,31 @@ def test_weight_decay_spares_exactly_the_norm_weights():
     assert exempt == want
     assert len(exempt) == 1 + 2 * 4  # the final norm and four per layer
     assert mask["['embed_tokens']['weight']"] and mask["['lm_head']['kernel']"]
+
+
+@pytest.mark.parametrize("warm", [0, 10])
+def test_cosine_falls_from_the_peak_to_a_tenth_of_it_over_the_steps_after_warmup(warm):
+    """`--schedule cosine` (the default): from the end of the warm-up, half a cosine from the
+    peak down to a floor of a tenth of it at the last step, over the steps left after the
+    warm-up (over all of them the run would end above its floor), then the floor."""
+    peak, total = 2.0, 110
+    s = lr_schedule(peak, total, warm, "cosine")
+    left = total - warm
+    counts = [warm, warm + left // 4, warm + left // 2, total - 1, total, total + 50]
+
+    def want(c):
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(c - warm, left) / left)))
+
+    np.testing.assert_allclose(_rates(s, counts), [want(c) for c in counts], rtol=1e-5)
+    np.testing.assert_allclose(_rates(s, [total, total + 50]), [0.1 * peak] * 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["step", "cosine", "constant"])
+def test_a_warmup_longer_than_the_run_is_cut_to_the_run(kind):
+    """--warmup-steps beyond --steps warms up over the run's own steps: the rate rises
+    linearly from peak / steps at the first step towards the peak, rather than creeping up
+    a fraction of the way and ending far below it."""
+    peak, total = 1.0, 10
+    s = lr_schedule(peak, total, 50, kind)
+    np.testing.assert_allclose(_rates(s, range(total)), [peak / total + (peak - peak / total) * c / total for c in range(total)],
+                               rtol=1e-6)

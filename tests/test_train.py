@@ -40,6 +40,24 @@ def test_loss_falls_and_metrics_are_complete(tmp_path):
     assert _steps(wd) == [60]
 
 
+def test_throughput_and_mfu_count_the_whole_batch_against_the_given_peak(tmp_path):
+    """tokens_per_sec counts every sequence of the global batch (under --grad-accum too, not
+    one micro-batch's), and mfu is those tokens' training FLOPs per second over --peak-tflops
+    (given in TFLOP/s per device)."""
+    from dsv2_jax import load_config
+    from dsv2_jax.train.metrics import train_flops_per_token
+
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, config="tiny", set=["num_hidden_layers=2"], steps=2, checkpoint_every=2,
+                    batch_size=4, seq_len=32, grad_accum=2, peak_tflops=2.0, log_every=1000))
+    recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    flops = train_flops_per_token(load_config("tiny", num_hidden_layers=2), 32)
+    assert len(recs) == 2
+    for r in recs:
+        assert r["tokens_per_sec"] == pytest.approx(4 * 32 / r["step_time"], rel=1e-9)
+        assert r["mfu"] == pytest.approx(flops * 4 * 32 / r["step_time"] / 2e12, rel=1e-9)
+
+
 def test_stop_and_resume_is_bit_identical(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(TrainArgs(workdir=a, steps=12, checkpoint_every=100, **SMALL))
@@ -90,6 +108,40 @@ def test_persistent_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path
     want = float(lr_schedule(SMALL["lr"], 20, SMALL["warmup_steps"], "cosine")(4))
     assert [r["step"] for r in recs[-3:]] == [5, 6, 7]
     np.testing.assert_allclose([r["lr"] for r in recs[-3:]], [want] * 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["fused AdamW", "optax chain"])
+def test_a_finite_loss_with_a_non_finite_gradient_norm_is_skipped(optimizer):
+    """A step is skipped when its loss OR its gradient norm is not finite. Here the expert
+    balance loss weighed by 1e35 keeps the loss finite (~1e35) while its gradient norm
+    overflows float32: the step leaves the parameters and the optimizer state
+    as they were and counts one non-finite step, with the fused AdamW and with any optax
+    transformation alike."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv2_jax import init_model, load_config
+    from dsv2_jax.train.optim import lr_schedule, make_optax_optimizer, make_optimizer
+    from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
+
+    cfg = load_config("tiny", num_hidden_layers=2, aux_loss_alpha=1e35)
+    model = init_model(cfg, seed=3)
+    fns, params = ModelFns.from_model(model), params_of(model)
+    sched = lr_schedule(1e-3, 10, 0, "constant")
+    tx = (make_optimizer if optimizer == "fused AdamW" else make_optax_optimizer)(sched)
+    B, T = 2, 16
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, (B, T + 1))
+    batch = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+             "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.int32)}
+    state0 = init_state(params, tx)
+    state, m = jax.jit(make_train_step(fns, cfg, tx, sched))(state0, batch)
+    assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 1e30
+    assert not np.isfinite(float(m["grad_norm"]))
+    assert not bool(m["finite"]) and int(state["nonfinite"]) == 1 and int(state["step"]) == 1
+    for a, b in zip(jax.tree.leaves((state["params"], state["opt_state"])),
+                    jax.tree.leaves((state0["params"], state0["opt_state"]))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sigkill_mid_run_then_rerun_finishes(tmp_path):
@@ -370,6 +422,18 @@ def test_bad_profile_steps_are_refused(tmp_path):
     with pytest.raises(TrainingError, match="--profile-steps"):
         train(TrainArgs(workdir=str(tmp_path / "run"), steps=4, profile_steps="3:2", **SMALL))
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_profile_steps_are_one_based_and_start_after_the_resumed_step():
+    """--profile-steps A:B (or A alone: that one step) names training steps, the first being
+    1: step 0 is refused like a reversed range; a resume past A traces from its first step."""
+    from dsv2_jax.train.loop import _parse_profile_steps
+
+    assert _parse_profile_steps(None, 0) is None and _parse_profile_steps("3", 0) == (3, 3)
+    assert _parse_profile_steps("2:5", 0) == (2, 5) and _parse_profile_steps("2:5", 3) == (4, 5)
+    for bad in ("0:2", "0", "3:2", "a:b", "-1:2"):
+        with pytest.raises(TrainingError, match="--profile-steps"):
+            _parse_profile_steps(bad, 0)
 
 
 def test_tensorboard_writer_loads_without_importing_torch(tmp_path):

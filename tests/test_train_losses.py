@@ -126,6 +126,52 @@ def test_training_loss_weighs_each_balance_loss_by_its_own_alpha():
     assert abs(want - swapped) > 100 * 1e-6 * want  # the check above can tell them apart
 
 
+def _token_batch(vocab, B, T, seed, pad=0):
+    ids = np.random.default_rng(seed).integers(0, vocab, (B, T + 1))
+    seg = np.ones((B, T), np.int32)
+    if pad:
+        seg[-1, -pad:] = 0  # padding at the end of the last row: segment 0
+    return {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+            "segment_ids": jnp.asarray(seg), "loss_mask": jnp.asarray(seg)}
+
+
+def test_router_statistics_are_per_layer_figures_averaged_over_the_moe_layers():
+    """The step's expert-load metrics, from the routers' own decisions: load_max_over_mean
+    and load_min_over_mean are each MoE layer's busiest and idlest expert over its mean load,
+    averaged over the layers; dropped_fraction the share of the real tokens' K assignments
+    removed by dropping; rows_per_token the mean device rows of the real tokens (padding is
+    never sent and counts nowhere), rows_per_token_max the most of any token. Three layers
+    (two MoE), capacity 0.5 and a padded row make each figure tell its alternatives apart."""
+    from dsv2_jax import init_model, load_config
+
+    cfg = load_config("tiny", num_hidden_layers=3, capacity_factor=0.5)
+    model = init_model(cfg, seed=4)
+    batch = _token_batch(cfg.vocab_size, 2, 16, seed=5, pad=6)
+    fns, params = ModelFns.from_model(model), params_of(model)
+    _, st = jax.jit(lambda p: loss_and_stats(fns, cfg, p, batch))(params)
+    _, routers = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"], train=True)
+    counts = np.concatenate([np.asarray(r.expert_counts) for r in routers]).astype(np.float64)  # [L, E]
+    valid = np.concatenate([np.asarray(r.valid) for r in routers])  # [L, T]
+    keep = np.concatenate([np.asarray(r.keep) for r in routers])  # [L, T, K]
+    rows = np.concatenate([np.asarray(r.rows) for r in routers]).astype(np.float64)  # [L, T]
+    L, K = counts.shape[0], keep.shape[-1]
+    assert L == 2 and not valid.all() and valid.sum() == L * (2 * 16 - 6)
+    mean = counts.mean(-1)
+    want = {"load_max_over_mean": np.mean(counts.max(-1) / mean),
+            "load_min_over_mean": np.mean(counts.min(-1) / mean),
+            "dropped_fraction": np.mean([1 - (keep[i] & valid[i][:, None]).sum() / (valid[i].sum() * K)
+                                         for i in range(L)]),
+            "rows_per_token": np.mean([rows[i][valid[i]].mean() for i in range(L)]),
+            "rows_per_token_max": rows.max()}
+    got = {k: float(st[k]) for k in want}
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-6, err_msg=str(got))
+    # the figures are not degenerate: each alternative reading would differ
+    assert want["load_max_over_mean"] > 1 > want["load_min_over_mean"]
+    assert np.ptp(counts.max(-1) / mean) > 0 and want["dropped_fraction"] > 0
+    assert rows[~valid].max() < want["rows_per_token"]
+
+
 def test_token_dropping_drops_lowest_affinity_rows_and_spares_protected():
     """A row is one token sent to one device group (all its experts there); each group takes
     `capacity` rows; over it the rows with the lowest summed score on that group go."""
@@ -362,7 +408,8 @@ def test_padding_tokens_count_nowhere():
 @pytest.mark.parametrize("clip", [1.0, 0.0])
 def test_fused_adamw_equals_the_optax_chain(clip):
     """AdamW (one in-place pass per parameter) against optax's clip_by_global_norm + adamw
-    with the same mask and schedule, over steps with large, small and non-finite gradients."""
+    with the same mask and schedule, over steps with large, small and non-finite gradients,
+    one of them with a norm just above the clip (clipped, though not twice the clip)."""
     import optax
 
     from dsv2_jax.train.optim import lr_schedule, make_optax_optimizer, make_optimizer
@@ -374,13 +421,16 @@ def test_fused_adamw_equals_the_optax_chain(clip):
               "input_layernorm": {"weight": jnp.ones(5, jnp.float32)}}
     s_ours, s_ref = ours.init(params), ref.init(params)
     p_ours, p_ref = params, params
-    for i, scale in enumerate([0.1, 10.0, float("nan"), 3.0, 0.01, 50.0]):
+    norms = []
+    for i, scale in enumerate([0.1, 10.0, float("nan"), 3.0, 0.25, 0.01, 50.0]):
         g = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32) * scale, params)
         norm = optax.tree.norm(g)
+        norms.append(float(norm))
         finite = jnp.isfinite(norm)
         p_ours, s_ours = ours.apply(p_ours, g, s_ours, norm, finite)
         if bool(finite):
             u, s_ref = ref.update(g, s_ref, p_ref)
             p_ref = optax.apply_updates(p_ref, u)
         chex.assert_trees_all_close(p_ours, p_ref, rtol=1e-6, atol=1e-7, custom_message=f"update {i}")
-    assert int(s_ours["count"]) == 5  # the non-finite step applied nothing
+    assert int(s_ours["count"]) == 6  # the non-finite step applied nothing
+    assert any(1.0 < n < 2.0 for n in norms), norms

@@ -111,6 +111,35 @@ def test_extending_a_run_keeps_its_default_warmup(tmp_path):
     assert lr[21] > 0.95 * SMALL["lr"] and lr[22] > 0.95 * SMALL["lr"], lr
 
 
+def test_a_resume_takes_each_left_out_setting_from_the_run_as_its_history_left_it(tmp_path):
+    """Every data, schedule, optimizer and mesh setting the command leaves out comes from the
+    run: the first run's value, updated by each recorded change in order (the latest last);
+    the ones the command gives stay its own. (A workdir with a checkpoint step and a run.json;
+    nothing is trained.)"""
+    from dsv2_jax.train.loop import _KEPT_ON_RESUME, _keep_run_settings
+
+    wd = tmp_path / "run"
+    os.makedirs(wd / "checkpoints" / "30")
+    first = dict(vars(TrainArgs(workdir=str(wd))))
+    del first["given"]  # as run.json records it
+    first.update(data="npy:tokens.npy", seq_len=48, batch_size=6, seed=7, steps=100, lr=1e-3,
+                 warmup_steps=None, schedule="step", clip=0.25, weight_decay=0.03, mesh="fsdp=1",
+                 grad_accum=3, process_count=1,
+                 history=[{"step": 10, "changes": {"lr": {"old": 1e-3, "new": 2e-3},
+                                                   "steps": {"old": 100, "new": 200}}},
+                          {"step": 20, "changes": {"lr": {"old": 2e-3, "new": 5e-4},
+                                                   "clip": {"old": 0.25, "new": 0.5}}}])
+    (wd / "run.json").write_text(json.dumps(first))
+    logs = []
+    args = _keep_run_settings(TrainArgs(workdir=str(wd), steps=300, weight_decay=0.2,
+                                        given=frozenset({"workdir", "steps", "weight_decay"})), logs.append)
+    want = dict(data="npy:tokens.npy", seq_len=48, batch_size=6, seed=7, steps=300, lr=5e-4,
+                warmup_steps=10, schedule="step", clip=0.5, weight_decay=0.2, mesh="fsdp=1", grad_accum=3)
+    assert set(want) == set(_KEPT_ON_RESUME)
+    assert {k: getattr(args, k) for k in want} == want
+    assert len(logs) == 1 and logs[0].startswith("resuming with the run's ") and "--grad-accum 3" in logs[0]
+
+
 def test_runtime_fields_may_change_on_resume_others_name_their_flag(tmp_path, capsys):
     wd = str(tmp_path / "run")
     train(TrainArgs(workdir=wd, steps=1, checkpoint_every=1, **SMALL))
