@@ -100,3 +100,20 @@ def test_probe_reads_every_stored_value_the_last_key_included(tmp_path):
     with open(data, "wb") as f:
         f.write(whole)
     assert probe(path) is None
+
+
+def test_a_resume_keeps_a_last_record_cut_before_its_newline_and_only_integer_steps_count(tmp_path):
+    """A complete last record whose newline was never written is kept on resume with the
+    newline restored, so the next step's record starts a line of its own; lines whose `step`
+    is not an integer (true, 2.5, a string) or that are not objects are not step records."""
+    from dsv2_jax.train.metrics import MetricsLog, read_records
+
+    path = str(tmp_path / "metrics.jsonl")
+    with open(path, "w") as f:
+        f.write('{"step": true}\n[1, 2]\n"step"\n{"step": 2.5}\n{"step": "3"}\n'
+                '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}')
+    assert [r["step"] for _, r in read_records(path)] == [1, 2]
+    log = MetricsLog(path, 2)
+    log.write({"step": 3, "loss": 0.25})
+    log.close()
+    assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3]

@@ -207,6 +207,10 @@ def test_backend_choice_is_one_place():
     assert gmm_backend(cfg.replace(moe_backend="blocked")) == "blocked"
     want = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
     assert gmm_backend(cfg.replace(moe_backend="auto")) == want
+    # A backend name the grouped matmul does not know is refused, not run as another one.
+    wg, wu, wd = _weights(0)
+    with pytest.raises(ValueError, match="unknown grouped-matmul backend 'ragged'"):
+        expert_ffn(jnp.zeros((4, D), jnp.float32), jnp.asarray([4, 0, 0, 0, 0], jnp.int32), wg, wu, wd, "ragged")
 
 
 def _scores(rows):

@@ -95,6 +95,35 @@ def test_one_device_rows_and_dropping_statistics():
     assert float(stats["rows_per_token_max"]) <= cfg.max_devices_per_token
 
 
+
+def test_without_device_groups_each_expert_is_its_own_row():
+    """With no device groups and no expert axis, the dispatch counts every expert alone: a
+    token is K rows (one per chosen expert), in the metrics and under a capacity, which then
+    drops (token, expert) rows rather than whole tokens."""
+    from flax import nnx
+
+    from dsv2_jax.model import DeepseekV2ForCausalLM
+    from dsv2_jax.train.step import ModelFns, loss_and_stats, params_of
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 256, (4, 17))
+    batch = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (4, 16)),
+             "segment_ids": jnp.ones((4, 16), jnp.int32), "loss_mask": jnp.ones((4, 16), jnp.int32)}
+    for capacity in (None, 0.5):
+        cfg = load_config("tiny", num_hidden_layers=2, num_device_groups=0, max_devices_per_token=0,
+                          capacity_factor=capacity)
+        model = DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(params=0))
+        _, stats = loss_and_stats(ModelFns.from_model(model), cfg, params_of(model), batch)
+        K = cfg.num_experts_per_tok
+        if capacity is None:
+            assert float(stats["rows_per_token"]) == K and float(stats["rows_per_token_max"]) == K
+            assert float(stats["dropped_fraction"]) == 0
+        else:  # rows dropped one (token, expert) at a time: a token may keep several
+            assert 0 < float(stats["dropped_fraction"]) < 1
+            assert float(stats["rows_per_token"]) < K and float(stats["rows_per_token_max"]) > 1
+
+
 _LOWER = """
 import jax, jax.numpy as jnp
 from jax import export
@@ -148,6 +177,43 @@ def test_traffic_figures_at_v2_shape():
         assert dropless["buffer_bytes"] * 5 < dropless["per_expert_scheme_buffer_bytes"]
         assert capped["buffer_bytes"] < dropless["buffer_bytes"]
 
+
+
+def test_traffic_figures_by_hand():
+    """The buffer sizes worked out by hand at a small shape: 16 experts on ep = 8 devices (2
+    each, so a row carries k = min(K = 4, 2) = 2 expert slots of id + weight, 8 bytes each,
+    beside D = 16 bf16 values), at most M = 3 devices per token, 64 tokens per device.
+    Dropless: 64 rows per destination; capacity 1.25: ceil(1.25 * 64 * 3 / 8) = 30, plus the
+    protected tokens (one of 2 sequences of 32 at never_drop_fraction 0.5), at most 64."""
+    from dsv2_jax.moe import traffic_figures
+
+    cfg = _cfg(num_device_groups=8, max_devices_per_token=3, capacity_factor=1.25, never_drop_fraction=0.0)
+    row = 16 * 2 + 2 * 8
+    per_expert = 8 * 64 * 4 * (16 * 2 + 4)
+    assert traffic_figures(cfg, 64, 8, 2, dropping=False) == {
+        "rows_per_destination": 64, "buffer_bytes": 8 * 64 * row, "max_rows_per_token": 3,
+        "per_expert_scheme_buffer_bytes": per_expert}
+    assert traffic_figures(cfg, 64, 8, 2, dropping=True)["buffer_bytes"] == 8 * 30 * row
+    half = cfg.replace(never_drop_fraction=0.5)
+    assert traffic_figures(half, 64, 8, 2, dropping=True, batch=2)["rows_per_destination"] == 30 + 32
+    assert traffic_figures(cfg.replace(capacity_factor=4.0), 64, 8, 2, dropping=True)["rows_per_destination"] == 64
+
+
+def test_the_exchange_is_ragged_only_on_gpu_and_tpu_when_dropless(monkeypatch):
+    """`a2a_flavor`: XLA:CPU has no ragged_all_to_all, so CPU is always `fixed`; on GPU/TPU a
+    capacity keeps the small fixed buffers (`fixed`) and dropless dispatch sends exactly its
+    rows (`ragged`); a moe_dispatch the config names wins everywhere. (The platform is what
+    `jax.default_backend` answers; it is set here to each one in turn.)"""
+    from dsv2_jax.moe.dispatch import a2a_flavor
+
+    auto = _cfg(moe_dispatch="auto")
+    for platform, dropping, want in [("cpu", False, "fixed"), ("cpu", True, "fixed"),
+                                     ("gpu", False, "ragged"), ("gpu", True, "fixed"),
+                                     ("tpu", False, "ragged"), ("tpu", True, "fixed")]:
+        monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
+        assert a2a_flavor(auto, dropping) == want, (platform, dropping)
+        assert a2a_flavor(auto.replace(moe_dispatch="ragged"), dropping) == "ragged"
+        assert a2a_flavor(auto.replace(moe_dispatch="fixed"), dropping) == "fixed"
 
 
 _RULE_SETS = r"""

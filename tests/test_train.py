@@ -58,6 +58,19 @@ def test_throughput_and_mfu_count_the_whole_batch_against_the_given_peak(tmp_pat
         assert r["mfu"] == pytest.approx(flops * 4 * 32 / r["step_time"] / 2e12, rel=1e-9)
 
 
+def test_the_cpu_peak_follows_the_compute_dtype():
+    """Without --peak-tflops the MFU's peak is the device's for the compute dtype: on CPU the
+    measured float32 and bfloat16 matmul peaks (0.155 and 0.13 TFLOP/s)."""
+    import jax
+
+    from dsv2_jax.train.metrics import peak_flops_per_device
+
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("the CPU figures")
+    assert peak_flops_per_device("float32") == pytest.approx(0.155e12)
+    assert peak_flops_per_device("bfloat16") == pytest.approx(0.13e12)
+
+
 def test_stop_and_resume_is_bit_identical(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(TrainArgs(workdir=a, steps=12, checkpoint_every=100, **SMALL))
@@ -92,13 +105,24 @@ def test_persistent_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path
     from dsv2_jax.train import step as step_mod
 
     wd = str(tmp_path / "run")
-    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=4, **SMALL))
+    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **SMALL))
     real = step_mod.chunked_cross_entropy
     monkeypatch.setattr(step_mod, "chunked_cross_entropy",
                         lambda *a: (real(*a)[0] * jnp.nan, real(*a)[1]))
-    with pytest.raises(TrainingError, match="non-finite for 3 consecutive steps"):
-        train(TrainArgs(workdir=wd, steps=20, checkpoint_every=2, max_nonfinite=3, **SMALL))
-    assert _steps(wd) == [4]
+    # A trace is open when the run stops (steps 6-9 asked for): it is closed on the way out
+    # (the profiler's own calls, passed through, are noted).
+    import jax
+
+    calls = []
+    for name in ("start_trace", "stop_trace"):
+        real_call = getattr(jax.profiler, name)
+        monkeypatch.setattr(jax.profiler, name,
+                            lambda *a, _n=name, _r=real_call, **kw: (calls.append(_n), _r(*a, **kw))[1])
+    # The message names the newest checkpoint (4), not merely one that is kept (2).
+    with pytest.raises(TrainingError, match="non-finite for 3 consecutive steps.*last good checkpoint is step 4 "):
+        train(TrainArgs(workdir=wd, steps=20, checkpoint_every=2, max_nonfinite=3, profile_steps="6:9", **SMALL))
+    assert calls == ["start_trace", "stop_trace"]
+    assert _steps(wd) == [2, 4]
     recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     assert [r["finite"] for r in recs[-3:]] == [False] * 3
     # A skipped step applies no update: each of steps 5-7 shows the rate of the next update
@@ -404,9 +428,30 @@ def test_resume_with_other_data_settings_is_refused(tmp_path):
         train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1, **dict(SMALL, seq_len=32)))
 
 
-def test_tensorboard_scalars_and_a_profile_trace(tmp_path):
+def test_tensorboard_scalars_and_a_profile_trace(tmp_path, monkeypatch):
+    """--profile-steps 2:3 traces exactly steps 2 and 3: the trace starts once step 1 is
+    done and recorded, and stops once step 3 is (the profiler's own calls, passed through,
+    note how many steps metrics.jsonl holds at each). Ending a trace saves no checkpoint
+    off the --checkpoint-every cadence."""
+    import jax
+
     wd = str(tmp_path / "run")
-    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=4, profile_steps="2:3", **SMALL))
+    metrics = os.path.join(wd, "metrics.jsonl")
+    calls = []
+
+    def noting(name, real):
+        def call(*a, **kw):
+            calls.append((name, sum(1 for _ in open(metrics))))
+            return real(*a, **kw)
+        return call
+
+    monkeypatch.setattr(jax.profiler, "start_trace", noting("start", jax.profiler.start_trace))
+    monkeypatch.setattr(jax.profiler, "stop_trace", noting("stop", jax.profiler.stop_trace))
+    logs = []
+    train(TrainArgs(workdir=wd, steps=4, checkpoint_every=4, profile_steps="2:3", **SMALL), log=logs.append)
+    assert calls == [("start", 1), ("stop", 3)], calls
+    assert any("profiler trace of steps 2..3 in" in line for line in logs), logs
+    assert _steps(wd) == [4]
     events = [f for f in os.listdir(os.path.join(wd, "tensorboard")) if "tfevents" in f]
     assert len(events) == 1
     data = open(os.path.join(wd, "tensorboard", events[0]), "rb").read()
@@ -446,3 +491,142 @@ def test_tensorboard_writer_loads_without_importing_torch(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     events = [f for f in os.listdir(tmp_path) if "tfevents" in f]
     assert len(events) == 1 and b"train/loss" in open(tmp_path / events[0], "rb").read()
+
+
+QUICK = dict(config="tiny", set=["num_hidden_layers=2"], batch_size=2, seq_len=32, warmup_steps=1)
+
+
+def test_checkpoint_cadence_final_checkpoint_stop_after_and_log_every(tmp_path, capsys):
+    """One run of the step loop: a checkpoint every --checkpoint-every steps plus one at the
+    last step it trains (here --stop-after's, before --steps), every step in metrics.jsonl,
+    a progress line for step 1 and every --log-every-th step after it (no terminal), and a
+    result that is the last step's record without `stopped_by` (the run was not signalled)."""
+    wd = str(tmp_path / "run")
+    rec = train(TrainArgs(workdir=wd, steps=9, stop_after=5, checkpoint_every=2, log_every=2, **QUICK))
+    assert _steps(wd) == [2, 4, 5]
+    recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    assert rec["step"] == 5 and rec["loss"] == recs[-1]["loss"] and "stopped_by" not in rec
+    # The step's record: floats, `finite` a bool, the non-finite count an int; the loss's
+    # internal sum (ce_sum) is not a metric.
+    assert recs[0]["finite"] is True and recs[0]["nonfinite_total"] == 0 and "ce_sum" not in recs[0]
+    printed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert printed == ["step 1", "step 2", "step 4"], printed
+
+
+def _signal_after_compiling(signum, times, lines=None):
+    """A `log` for train() that sends this process `signum` `times` times as the training step
+    is compiled, i.e. before step 1 runs (and keeps the lines in `lines`)."""
+    sent = []
+
+    def log(line):
+        if lines is not None:
+            lines.append(line)
+        if line.startswith("compiled in") and not sent:
+            sent.append(True)
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+    return log
+
+
+def test_sigterm_stops_at_the_next_step_boundary_saves_it_and_restores_the_handlers(tmp_path):
+    """SIGTERM (what a scheduler sends before killing a job) asks for a clean stop: the step
+    that was running ends, is recorded and saved, and the result says stopped_by; a second
+    SIGTERM while stopping does not interrupt (only a second Ctrl-C does). The process's own
+    handlers are back afterwards."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    wd = str(tmp_path / "run")
+    lines = []
+    try:
+        rec = train(TrainArgs(workdir=wd, steps=50, checkpoint_every=1000, **QUICK),
+                    log=_signal_after_compiling(signal.SIGTERM, 2, lines))
+    except KeyboardInterrupt:  # (would end the whole pytest session if let through)
+        pytest.fail("a second SIGTERM interrupted the run")
+    assert rec["stopped_by"] == "SIGTERM" and rec["step"] == 1
+    assert "SIGTERM: saved step 1, stopping" in lines, lines
+    assert _steps(wd) == [1]
+    assert [json.loads(line)["step"] for line in open(os.path.join(wd, "metrics.jsonl"))] == [1]
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_second_ctrl_c_interrupts_at_once_and_restores_the_handlers(tmp_path):
+    """A first Ctrl-C asks for a stop at the step boundary; a second one raises
+    KeyboardInterrupt at once (nothing saved), and the handlers are restored on the way out."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    wd = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainArgs(workdir=wd, steps=50, checkpoint_every=1000, **QUICK),
+              log=_signal_after_compiling(signal.SIGINT, 2))
+    assert not os.path.isdir(os.path.join(wd, "checkpoints")) or _steps(wd) == []
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _tensorboard_scalars(logdir):
+    """{(tag, step): value} of every scalar in the event files under `logdir`."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in os.listdir(logdir):
+        data = open(os.path.join(logdir, name), "rb").read()
+        pos = 0
+        while pos < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 16 + n
+            for v in ev.summary.value:
+                out[(v.tag, ev.step)] = v.simple_value
+    return out
+
+
+def test_tensorboard_writes_every_metric_and_leaves_out_non_finite_values(tmp_path):
+    """Each of the step's scalars (TensorBoard.KEYS) is written under train/ at its step; a
+    non-finite value (a skipped step's loss) or a missing one (mfu without a peak) is left
+    out rather than drawn as a spike; keys that are not scalars of the run are not written."""
+    pytest.importorskip("tensorboardX")
+    from dsv2_jax.train.metrics import TensorBoard
+
+    keys = TensorBoard.KEYS
+    tb = TensorBoard(str(tmp_path))
+    tb.write({"step": 1, **{k: float(i) + 0.5 for i, k in enumerate(keys)}, "step_time": 9.0})
+    tb.write({"step": 2, **{k: 1.25 for k in keys}, "loss": float("nan"), "grad_norm": float("inf"),
+              "mfu": None})
+    tb.close()
+    got = _tensorboard_scalars(str(tmp_path))
+    want = {(f"train/{k}", 1): float(i) + 0.5 for i, k in enumerate(keys)}
+    want.update({(f"train/{k}", 2): 1.25 for k in keys if k not in ("loss", "grad_norm", "mfu")})
+    assert got == want
+    assert {"loss", "ce", "lr", "grad_norm", "tokens_per_sec", "mfu", "expert_loss", "device_loss",
+            "comm_loss", "load_max_over_mean", "load_min_over_mean", "dropped_fraction",
+            "rows_per_token"} <= set(keys)
+
+
+def test_non_finite_steps_apart_do_not_add_up_to_a_stop(tmp_path, monkeypatch):
+    """--max-nonfinite counts CONSECUTIVE non-finite steps: steps 1, 3 and 5 non-finite (the
+    loss made NaN for exactly those batches, recognised by their targets) with
+    --max-nonfinite 2 is never two in a row, so the run finishes; the checkpoints due at the
+    finite steps 2, 4 and 6 are saved."""
+    import jax.numpy as jnp
+
+    from dsv2_jax import load_config
+    from dsv2_jax.train import step as step_mod
+    from dsv2_jax.train.data import make_train_iter
+
+    args = TrainArgs(workdir=str(tmp_path / "run"), steps=6, checkpoint_every=2, max_nonfinite=2, **QUICK)
+    it = make_train_iter(args.data, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                         vocab_size=load_config("tiny").vocab_size)
+    keys = [int(next(it)["targets"].astype(np.int64).sum()) for _ in range(args.steps)]
+    assert len(set(keys)) == len(keys), keys  # each batch recognisable by its key
+    bad = jnp.asarray([keys[0], keys[2], keys[4]])
+    real = step_mod.chunked_cross_entropy
+
+    def sometimes_nan(h, w, targets, mask, chunk):
+        ce, n = real(h, w, targets, mask, chunk)
+        return jnp.where(jnp.any(jnp.sum(targets) == bad), jnp.nan, ce), n
+
+    monkeypatch.setattr(step_mod, "chunked_cross_entropy", sometimes_nan)
+    rec = train(args)
+    recs = [json.loads(line) for line in open(os.path.join(args.workdir, "metrics.jsonl"))]
+    assert [r["finite"] for r in recs] == [False, True] * 3
+    assert rec["step"] == 6 and _steps(args.workdir) == [2, 4, 6]
