@@ -762,7 +762,8 @@ def test_generate_under_the_training_mesh_gives_the_one_device_tokens():
 
 
 def test_a_run_keeps_its_tokenizer_and_a_lost_one_is_refused(tmp_path):
-    """Training copies the data's tokenizer.json into the workdir; a workdir whose run.json
+    """Training copies the data's tokenizer.json into the workdir (byte-level data has none
+    to copy); a workdir whose run.json
     names a tokenizer not found from here is refused for --prompt (it was read as bytes)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -778,6 +779,11 @@ def test_a_run_keeps_its_tokenizer_and_a_lost_one_is_refused(tmp_path):
     spec = f"text:{tmp_path}/*.txt,tokenizer={tmp_path}/tok/tokenizer.json"
     _keep_tokenizer(spec, str(run))
     assert isinstance(load_tokenizer(str(run), 256), FileTokenizer)
+    for no_file in ("stdlib", f"text:{tmp_path}/*.txt,tokenizer=bytes"):  # nothing to copy
+        plain = tmp_path / no_file[:4]
+        plain.mkdir()
+        _keep_tokenizer(no_file, str(plain))
+        assert os.listdir(plain) == []
     lost = tmp_path / "lost"
     lost.mkdir()
     (lost / "run.json").write_text(json.dumps({"data": "text:x/*.txt,tokenizer=gone/tokenizer.json"}))

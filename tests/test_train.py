@@ -99,6 +99,112 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
     assert [r["step"] for r in recs] == list(range(1, 11))
 
 
+def _tiny_iter():
+    from dsv2_jax.train.data import make_train_iter
+
+    return make_train_iter("stdlib", seq_len=8, batch_size=2, seed=0, vocab_size=256)
+
+
+def test_checkpoints_fall_back_past_every_damaged_step_and_move_each_aside(tmp_path, monkeypatch):
+    """TrainCheckpoints on its own (real Orbax steps, no training): the newest step that
+    restores wins, with the data iterator saved with it; every newer damaged step is moved to
+    workdir/damaged/N (replacing what an earlier quarantine of that step left there) and
+    logged; the failed restores' echoes are quieted from the first restore on; a directory
+    without checkpoints restores nothing, and one whose every step is damaged is refused."""
+    import shutil
+    import sys
+
+    import jax
+    import jax.numpy as jnp
+
+    from dsv2_jax.train.checkpointing import CheckpointMismatch, TrainCheckpoints
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)  # not yet quieted
+    ckdir = str(tmp_path / "checkpoints")
+    ck = TrainCheckpoints(ckdir, keep=5, async_save=False, log=_quiet_log)
+    it, batches = _tiny_iter(), {}
+    for step in (1, 2, 3):
+        next(it)
+        ck.save(step, {"w": jnp.full((4,), float(step))}, it)
+        batches[step] = next(it)  # what a resume from `step` reads first
+    ck.close()
+    for step in (2, 3):
+        shutil.rmtree(os.path.join(ckdir, str(step), "state", "d"))
+    stale = tmp_path / "damaged" / "3"
+    os.makedirs(stale)
+    (stale / "stale").write_text("an earlier quarantine of step 3")
+    logs = []
+    ck = TrainCheckpoints(ckdir, keep=5, async_save=False, log=logs.append)
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sh)}
+    it = _tiny_iter()
+    step, state = ck.restore_latest(abstract, it)
+    assert getattr(sys.unraisablehook, "_dsv2_quiet", False)
+    assert step == 1 and np.asarray(state["w"]).tolist() == [1.0] * 4
+    got = next(it)
+    assert all(np.array_equal(got[k], batches[1][k]) for k in batches[1])
+    assert [s for s in (3, 2) if any(f"step {s} is damaged" in x for x in logs)] == [3, 2], logs
+    assert ck.steps() == [1] and sorted(os.listdir(ckdir)) == ["1"]
+    assert sorted(os.listdir(tmp_path / "damaged")) == ["2", "3"]
+    assert "stale" not in os.listdir(stale) and "3" not in os.listdir(stale)
+    assert os.path.isdir(stale / "state")
+    ck.close()
+
+    empty = TrainCheckpoints(str(tmp_path / "none"), keep=5, async_save=False, log=_quiet_log)
+    assert empty.restore_latest(abstract, None) == (None, None)
+    empty.close()
+    shutil.rmtree(os.path.join(ckdir, "1", "state", "d"))
+    ck = TrainCheckpoints(ckdir, keep=5, async_save=False, log=_quiet_log)
+    with pytest.raises(CheckpointMismatch, match="no checkpoint restores cleanly"):
+        ck.restore_latest(abstract, _tiny_iter())
+    ck.close()
+    assert sorted(os.listdir(tmp_path / "damaged")) == ["1", "2", "3"]
+
+
+def _quiet_log(*_):
+    pass
+
+
+def test_checkpoint_steps_are_the_committed_step_folders_in_order(tmp_path):
+    """The steps a rerun compares with --steps (`done[-1]`) are the newest last: numeric
+    order, whatever order the folder lists them in; a file named like a step and an
+    unfinished save's temporary folder are not steps."""
+    from dsv2_jax.train.checkpointing import checkpoint_steps
+
+    steps = [1, 2, 3, 5, 8, 9, 10, 11, 20, 64, 100, 999, 1000, 12345]
+    for s in reversed(steps):
+        os.makedirs(tmp_path / str(s))
+    (tmp_path / "7").write_text("not a step")
+    os.makedirs(tmp_path / "13.orbax-checkpoint-tmp-1700000000")
+    assert checkpoint_steps(str(tmp_path)) == steps
+    assert checkpoint_steps(str(tmp_path / "absent")) == []
+
+
+def test_the_seed_draws_the_initial_parameters():
+    """--seed is the initialisation seed as well as the data order's: a fresh step-0 state
+    from the same seed has the same parameters, from another seed other ones."""
+    import jax
+
+    from dsv2_jax import load_config
+    from dsv2_jax.checkpoint.hf import abstract_model
+    from dsv2_jax.sharding.mesh import make_mesh, replicated
+    from dsv2_jax.train.loop import _initial_state
+    from dsv2_jax.train.optim import make_optimizer
+    from dsv2_jax.train.step import params_of
+
+    cfg = load_config("tiny", num_hidden_layers=1)
+    abstract, tx, mesh = abstract_model(cfg), make_optimizer(lambda s: 1e-3), make_mesh(None)
+
+    def params(seed):
+        state = _initial_state(cfg, TrainArgs(seed=seed), tx, params_of(abstract), mesh, replicated(mesh))
+        return [np.asarray(a) for a in jax.tree.leaves(state["params"])]
+
+    a, b, c = params(0), params(0), params(1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c) if x.std() > 0)
+
+
 def test_persistent_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     import jax.numpy as jnp
 

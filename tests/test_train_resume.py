@@ -86,6 +86,55 @@ def test_a_damaged_checkpoint_at_the_last_step_is_not_nothing_to_do(tmp_path, da
     assert any("nothing to do" in line for line in logs), logs
 
 
+def test_loading_a_workdir_for_use_stops_at_a_failure_that_is_not_damage(tmp_path):
+    """Loading a training workdir for use skips damaged steps only: a step that fails for
+    another reason (here a config override its parameters do not fit) stops the load with
+    that reason, instead of being skipped like damage until no step is left; --init-from it
+    under such an override is refused, and under --master-dtype its parameters are read in
+    that dtype. What is skipped as damaged is warned of, by the converter's reader too (an
+    unfinished save is no step), and when every step is damaged each one's damage is named."""
+    from dsv2_jax import from_pretrained
+    from dsv2_jax.checkpoint import CheckpointError
+
+    wd = str(tmp_path / "run")
+    train(TrainArgs(workdir=wd, steps=2, checkpoint_every=1, **SMALL))
+    with pytest.raises(CheckpointError, match="has shape") as e:
+        from_pretrained(wd, hidden_size=64)
+    assert "no checkpoint restores" not in str(e.value) and "checkpoints/2/state" in str(e.value)
+    # --init-from it with an architecture field overridden: refused before anything is written.
+    other = str(tmp_path / "other")
+    with pytest.raises(TrainingError, match="do not fit the config after --set"):
+        train(TrainArgs(workdir=other, steps=1, init_from=wd,
+                        **dict(SMALL, set=SMALL["set"] + ["hidden_size=64"])))
+    assert not os.path.exists(other)
+    # ... and with --master-dtype: its parameters are read in that dtype, not refused.
+    import jax
+
+    from dsv2_jax.checkpoint.hf import abstract_model
+    from dsv2_jax.sharding.mesh import make_mesh, replicated
+    from dsv2_jax.train.loop import _initial_state, _resolve_config
+    from dsv2_jax.train.optim import make_optimizer
+    from dsv2_jax.train.step import params_of
+
+    args = TrainArgs(workdir=other, init_from=wd, master_dtype="bfloat16", set=SMALL["set"])
+    cfg, mesh, tx = _resolve_config(args, False), make_mesh(None), make_optimizer(lambda s: 1e-3)
+    state = _initial_state(cfg, args, tx, params_of(abstract_model(cfg)), mesh, replicated(mesh))
+    assert {str(a.dtype) for a in jax.tree.leaves(state["params"])} >= {"bfloat16"}
+    assert not [f for f in os.listdir(wd) if ".tmp" in f]  # run.json: replaced whole, no temp file left
+    # The converter's reader of a workdir (`params_location`) also warns of what it skips.
+    from dsv2_jax.checkpoint.orbax_io import TRAIN_PARAMS_PREFIX, params_location
+
+    shutil.rmtree(os.path.join(wd, "checkpoints", "2", "state", "d"))
+    os.makedirs(os.path.join(wd, "checkpoints", "3.orbax-checkpoint-tmp-1700000000", "state"))
+    with pytest.warns(UserWarning, match="using checkpoint step 1; newer ones are damaged"):
+        where = params_location(wd)
+    assert where == (os.path.join(wd, "checkpoints", "1", "state"), TRAIN_PARAMS_PREFIX)
+    shutil.rmtree(os.path.join(wd, "checkpoints", "1", "state", "d"))
+    for load in (from_pretrained, params_location):  # nothing left: each step's damage named
+        with pytest.raises(CheckpointError, match=r"no checkpoint restores \(step 2: .+; step 1: "):
+            load(wd)
+
+
 def test_keep_checkpoints_keeps_the_newest_ones(tmp_path):
     """--keep-checkpoints N leaves the N newest checkpoints; a disk is not filled with one
     checkpoint per --checkpoint-every over a long run."""
@@ -153,6 +202,92 @@ def test_runtime_fields_may_change_on_resume_others_name_their_flag(tmp_path, ca
         train(TrainArgs(workdir=wd, steps=3, checkpoint_every=1,
                         **dict(SMALL, set=SMALL["set"] + ["hidden_size=64"])))
     assert _steps(wd) == [1, 2]
+
+
+def _workdir_of(tmp_path, cfg, name="run"):
+    """A workdir as a run leaves it, as far as the config goes: config.json and a step."""
+    wd = tmp_path / name
+    os.makedirs(wd / "checkpoints" / "1")
+    cfg.save(str(wd / "config.json"))
+    return str(wd)
+
+
+def test_a_resume_naming_a_model_setting_checks_it_against_the_workdir(tmp_path):
+    """`dsv2 train --workdir W` naming no model resumes W's own config; one that names a model
+    setting (--config, --set, --master-dtype) is checked against W's config and refused when
+    it would change the parameters, instead of being dropped for the workdir's config."""
+    from dsv2_jax import load_config
+    from dsv2_jax.train.loop import _resolve_config
+
+    saved = load_config("tiny", num_hidden_layers=2)
+    wd = _workdir_of(tmp_path, saved)
+    plain = frozenset({"workdir", "steps"})
+    assert _resolve_config(TrainArgs(workdir=wd, config="v2-lite", given=plain), True) == saved
+    for extra, kw, msg in (({"master_dtype"}, dict(master_dtype="bfloat16"), "param_dtype"),
+                           ({"config"}, dict(config="tiny"), "num_hidden_layers: 2 there, 4 now"),
+                           ({"set"}, dict(set=["hidden_size=64"]), "hidden_size: 128 there, 64 now")):
+        with pytest.raises(TrainingError, match=f"holds a run of a different config.*{msg}"):
+            _resolve_config(TrainArgs(workdir=wd, given=plain | extra, **kw), True)
+
+
+def test_every_runtime_field_may_change_on_resume(tmp_path):
+    """Each config field that shapes neither the parameters nor the optimizer state may
+    change on resume: said, not refused."""
+    from dsv2_jax import load_config
+    from dsv2_jax.train.loop import _RESUMABLE_FIELDS, _resolve_config
+
+    wd = _workdir_of(tmp_path, load_config("tiny"))
+    new = dict(remat="full", ce_chunk=8, scan_unroll=2, attn_impl="reference",
+               moe_backend="blocked", moe_dispatch="fixed")
+    assert set(new) == set(_RESUMABLE_FIELDS)
+    logs = []
+    cfg = _resolve_config(TrainArgs(workdir=wd, set=[f"{k}={json.dumps(v)}" for k, v in new.items()]),
+                          True, log=logs.append)
+    assert {k: getattr(cfg, k) for k in new} == new
+    assert len(logs) == 1 and all(f"{k} " in logs[0] for k in new), logs
+
+
+def test_master_weights_are_float32_unless_asked_and_init_from_computes_in_float32(tmp_path):
+    """Parameters and optimizer state train in float32 whatever the preset stores (v2-lite's
+    bfloat16 describes the released weights) unless --set param_dtype or --master-dtype says
+    otherwise. --init-from a converted checkpoint trains in float32 compute (its dtype is the
+    one it is served in); --init-from another training workdir keeps that run's choice."""
+    from dsv2_jax import load_config
+    from dsv2_jax.train.loop import _resolve_config
+
+    def resolve(**kw):
+        return _resolve_config(TrainArgs(workdir=str(tmp_path / "new"), **kw), False)
+
+    lite = resolve(config="v2-lite")
+    assert (lite.param_dtype, lite.dtype) == ("float32", "bfloat16")
+    assert resolve(config="tiny", set=["param_dtype=bfloat16"]).param_dtype == "bfloat16"
+    assert resolve(config="tiny", master_dtype="bfloat16").param_dtype == "bfloat16"
+    bf16 = load_config("tiny", dtype="bfloat16", param_dtype="bfloat16")
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    bf16.save(str(converted / "config.json"))
+    got = resolve(init_from=str(converted))
+    assert (got.dtype, got.param_dtype) == ("float32", "float32")
+    run = _workdir_of(tmp_path, bf16, "trained")
+    assert resolve(init_from=run).dtype == "bfloat16"
+    assert resolve(init_from=str(converted), set=["dtype=bfloat16"]).dtype == "bfloat16"
+
+
+def test_a_damaged_config_json_of_a_resume_is_refused_in_one_line(tmp_path):
+    """A resume reads the workdir's config.json whether the command names a model or not;
+    when it does not parse or holds a bad value, the run is refused naming why (a
+    TrainingError, one line at the command line), not with a traceback."""
+    from dsv2_jax import load_config
+    from dsv2_jax.train.loop import _resolve_config
+
+    wd = _workdir_of(tmp_path, load_config("tiny"))
+    config = os.path.join(wd, "config.json")
+    for text, msg in (("{", "config.json: not valid JSON"), ('{"hidden_size": "x"}', "hidden_size")):
+        with open(config, "w") as f:
+            f.write(text)
+        for given in (frozenset({"workdir", "steps"}), None):  # the command line, the Python API
+            with pytest.raises(TrainingError, match=msg):
+                _resolve_config(TrainArgs(workdir=wd, given=given), True)
 
 
 def test_what_a_resume_reads_may_be_damaged_without_a_traceback(tmp_path, capsys):
@@ -230,7 +365,9 @@ def test_a_failed_restores_abandoned_reads_print_nothing_when_collected(monkeypa
     """Orbax leaves a failed restore's reads suspended on a closed loop; when the collector
     closes them, its read turns the GeneratorExit into an exception of its own, which Python
     would print (with the array's whole TensorStore spec) in the middle of training. Those
-    echoes are dropped; any other unraisable exception still reaches the previous hook."""
+    echoes, and the object-less 'Event loop is closed' of the reads still in flight, are
+    dropped; any other unraisable exception (the same message about an object included) still
+    reaches the previous hook, through one quieting hook however often it is installed."""
     import sys
 
     from orbax.checkpoint._src.serialization import serialization
@@ -240,7 +377,9 @@ def test_a_failed_restores_abandoned_reads_print_nothing_when_collected(monkeypa
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
     checkpointing._quiet_orphaned_reads()
+    quiet = sys.unraisablehook
     checkpointing._quiet_orphaned_reads()  # once per process: not stacked
+    assert sys.unraisablehook is quiet
 
     read = serialization._read_array_index_and_device_put([], (), None, global_shape=(),
                                                           new_shard_shape=(), dtype=None,
@@ -260,6 +399,7 @@ def test_a_failed_restores_abandoned_reads_print_nothing_when_collected(monkeypa
 
     mine = ours()
     other = [_unraisable(read, ValueError("not from a close")),
+             _unraisable(mine, closed_loop),  # that message, but about an object of its own
              _unraisable(mine, echo),  # not Orbax's coroutine
              _unraisable(None, RuntimeError("something else"))]
     for u in [_unraisable(read, echo), _unraisable(None, closed_loop)] + other:
