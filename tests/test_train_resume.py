@@ -92,7 +92,8 @@ def test_loading_a_workdir_for_use_stops_at_a_failure_that_is_not_damage(tmp_pat
     that reason, instead of being skipped like damage until no step is left; --init-from it
     under such an override is refused, and under --master-dtype its parameters are read in
     that dtype. What is skipped as damaged is warned of, by the converter's reader too (an
-    unfinished save is no step), and when every step is damaged each one's damage is named."""
+    unfinished save is no step, a committed one without its metadata is damaged), and when
+    every step is damaged each one's damage is named."""
     from dsv2_jax import from_pretrained
     from dsv2_jax.checkpoint import CheckpointError
 
@@ -126,8 +127,12 @@ def test_loading_a_workdir_for_use_stops_at_a_failure_that_is_not_damage(tmp_pat
 
     shutil.rmtree(os.path.join(wd, "checkpoints", "2", "state", "d"))
     os.makedirs(os.path.join(wd, "checkpoints", "3.orbax-checkpoint-tmp-1700000000", "state"))
-    with pytest.warns(UserWarning, match="using checkpoint step 1; newer ones are damaged"):
+    os.makedirs(os.path.join(wd, "checkpoints", "4", "state"))  # committed, its metadata lost
+    with pytest.warns(UserWarning, match=r"using checkpoint step 1; newer ones are damaged "
+                                         r"\(step 4: .+_METADATA: missing; step 2: ") as w:
         where = params_location(wd)
+    assert "step 3" not in str(w[0].message)
+    shutil.rmtree(os.path.join(wd, "checkpoints", "4"))
     assert where == (os.path.join(wd, "checkpoints", "1", "state"), TRAIN_PARAMS_PREFIX)
     shutil.rmtree(os.path.join(wd, "checkpoints", "1", "state", "d"))
     for load in (from_pretrained, params_location):  # nothing left: each step's damage named

@@ -58,12 +58,13 @@ def is_training_workdir(path: str) -> bool:
 
 
 def training_state_dirs(workdir: str) -> list[tuple[int, str]]:
-    """(step, Orbax state directory) of every complete step of a training workdir, newest
-    first."""
+    """(step, Orbax state directory) of every committed step of a training workdir, newest
+    first. An unfinished save is no step (Orbax writes into a temporary sibling and renames
+    it); a committed one whose state lacks its metadata is damaged, and `probe` says so, as
+    `dsv2 train` does on resume."""
     ckdir = os.path.join(workdir, "checkpoints")
     steps = sorted((int(s) for s in os.listdir(ckdir) if s.isdigit()), reverse=True)
-    out = [(s, os.path.join(ckdir, str(s), "state")) for s in steps]
-    return [(s, d) for s, d in out if os.path.exists(os.path.join(d, "_METADATA"))]
+    return [(s, os.path.join(ckdir, str(s), "state")) for s in steps]
 
 
 def training_state_dir(workdir: str) -> str:
