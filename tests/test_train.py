@@ -669,21 +669,10 @@ def test_a_second_ctrl_c_interrupts_at_once_and_restores_the_handlers(tmp_path):
 
 def _tensorboard_scalars(logdir):
     """{(tag, step): value} of every scalar in the event files under `logdir`."""
-    import struct
+    from tb_events import read_events
 
-    from tensorboardX.proto import event_pb2
-
-    out = {}
-    for name in os.listdir(logdir):
-        data = open(os.path.join(logdir, name), "rb").read()
-        pos = 0
-        while pos < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-            pos += 16 + n
-            for v in ev.summary.value:
-                out[(v.tag, ev.step)] = v.simple_value
-    return out
+    return {(v.tag, ev.step): v.simple_value for name in os.listdir(logdir)
+            for ev in read_events(os.path.join(logdir, name)) for v in ev.summary.value}
 
 
 def test_tensorboard_writes_every_metric_and_leaves_out_non_finite_values(tmp_path):

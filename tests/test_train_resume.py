@@ -323,9 +323,9 @@ def test_tensorboard_hides_the_steps_a_resume_recomputes(tmp_path):
     before a `SessionLog.START` at step s, the purge marker; the files are read here by the
     same rule.)"""
     pytest.importorskip("tensorboardX")
-    import struct
-
     from tensorboardX.proto import event_pb2
+
+    from tb_events import read_events
 
     wd = str(tmp_path / "run")
     train(TrainArgs(workdir=wd, steps=4, checkpoint_every=2, **SMALL))
@@ -337,12 +337,7 @@ def test_tensorboard_hides_the_steps_a_resume_recomputes(tmp_path):
     files = sorted(os.listdir(tb))
     assert len(files) == 2, files
     for name in files:
-        data = open(os.path.join(tb, name), "rb").read()
-        pos = 0
-        while pos < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-            pos += 16 + n
+        for ev in read_events(os.path.join(tb, name)):
             if ev.HasField("session_log") and ev.session_log.status == event_pb2.SessionLog.START:
                 shown = [s for s in shown if s < ev.step]
             shown += [ev.step for v in ev.summary.value if v.tag == "train/loss"]
