@@ -240,6 +240,10 @@ def test_eval_refuses_bad_flags_before_loading_a_model(tmp_path, capsys):
     for flag in ("--batch-size", "--seq-len", "--max-batches"):
         assert cli_main(["eval", "--model", missing, flag, "0"]) == 1
         assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    from dsv2_jax.train.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="--max-batches must be >= 1, got 0"):  # the API too
+        evaluate(missing, "stdlib", max_batches=0, progress=False)
     assert cli_main(["eval", "--model", missing, "--data", "jsonl:x.jsonl"]) == 1
     assert "needs tokenizer=" in capsys.readouterr().err
 

@@ -129,10 +129,6 @@ def run_train(a) -> int:
 def run_eval(a) -> int:
     from dsv2_jax.train.evaluate import evaluate
 
-    for flag, value in (("--batch-size", a.batch_size), ("--seq-len", a.seq_len),
-                        ("--max-batches", a.max_batches)):
-        if value is not None and value < 1:  # before a model is loaded
-            raise ValueError(f"{flag} must be >= 1, got {value}")
     res = evaluate(a.model, a.data, batch_size=a.batch_size, seq_len=a.seq_len, max_batches=a.max_batches,
                    mesh=a.mesh, coordinator=a.coordinator, num_processes=a.num_processes,
                    process_id=a.process_id)

@@ -32,7 +32,11 @@ def evaluate(model_path: str, data: str, *, batch_size: int = 8, seq_len: int = 
     from dsv2_jax.sharding import hosts
     from dsv2_jax.train.data import make_eval_iter, parse_spec
 
-    parse_spec(data)  # a malformed SPEC is refused before the model loads
+    # A malformed SPEC or size is refused before the model loads.
+    parse_spec(data)
+    for flag, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--max-batches", max_batches)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     hosts.initialize(coordinator, num_processes, process_id)
     place = jnp.asarray
     mesh_obj = None
