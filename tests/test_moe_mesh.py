@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dsv2_jax import DeepseekV2Config, load_config
+from batches import token_batch
 from procenv import run_python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,11 +85,7 @@ def test_one_device_rows_and_dropping_statistics():
 
     cfg = load_config("tiny", num_hidden_layers=2, capacity_factor=0.5)
     model = DeepseekV2ForCausalLM(cfg, rngs=nnx.Rngs(params=0))
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, 256, (4, 17))
-    batch = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (4, 16)),
-             "segment_ids": jnp.ones((4, 16), jnp.int32), "loss_mask": jnp.ones((4, 16), jnp.int32)}
+    batch = token_batch(256, 4, 16, seed=0)
     _, stats = loss_and_stats(ModelFns.from_model(model), cfg, params_of(model), batch)
     assert 0 < float(stats["dropped_fraction"]) < 1
     assert 1 <= float(stats["rows_per_token"]) <= cfg.max_devices_per_token
@@ -105,11 +102,7 @@ def test_without_device_groups_each_expert_is_its_own_row():
     from dsv2_jax.model import DeepseekV2ForCausalLM
     from dsv2_jax.train.step import ModelFns, loss_and_stats, params_of
 
-    rng = np.random.default_rng(1)
-    ids = rng.integers(0, 256, (4, 17))
-    batch = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (4, 16)),
-             "segment_ids": jnp.ones((4, 16), jnp.int32), "loss_mask": jnp.ones((4, 16), jnp.int32)}
+    batch = token_batch(256, 4, 16, seed=1)
     for capacity in (None, 0.5):
         cfg = load_config("tiny", num_hidden_layers=2, num_device_groups=0, max_devices_per_token=0,
                           capacity_factor=capacity)

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from batches import token_batch
 from dsv2_jax.cli import main as cli_main
 from dsv2_jax.train.loop import TrainArgs, TrainingError, train
 
@@ -260,10 +261,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_norm_is_skipped(optimizer):
     sched = lr_schedule(1e-3, 10, 0, "constant")
     tx = (make_optimizer if optimizer == "fused AdamW" else make_optax_optimizer)(sched)
     B, T = 2, 16
-    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, (B, T + 1))
-    batch = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-             "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.int32)}
+    batch = token_batch(cfg.vocab_size, B, T, seed=6)
     state0 = init_state(params, tx)
     state, m = jax.jit(make_train_step(fns, cfg, tx, sched))(state0, batch)
     assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 1e30
@@ -380,12 +378,8 @@ def test_gradient_accumulation_equals_full_batch():
 
     sched = lr_schedule(1.0, 10, 0, "constant")
     tx = optax.sgd(sched)  # the parameter change is the (averaged) gradient itself
-    rng = np.random.default_rng(0)
     B, T = 4, 16
-    ids = rng.integers(0, 256, (B, T + 1))
-    batch = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-             "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.int32)}
+    batch = token_batch(256, B, T, seed=0)
     outs = []
     for accum in (1, 2):
         step = jax.jit(make_train_step(fns, cfg.replace(seq_aux=True), tx, sched, accum))

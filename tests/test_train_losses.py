@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hf_reference as ref
+from batches import token_batch
 from dsv2_jax import DeepseekV2Config, from_pretrained
 from dsv2_jax.checkpoint.hf import param_map
 from dsv2_jax.moe import RouterOutput, balance_losses, capacity_keep, never_drop_tokens, select_experts
@@ -113,10 +114,7 @@ def test_training_loss_weighs_each_balance_loss_by_its_own_alpha():
     assert cfg.num_device_groups and cfg.max_devices_per_token < cfg.num_device_groups
     model = init_model(cfg, seed=2)
     B, T = 2, 8
-    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (B, T + 1))
-    batch = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-             "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.int32)}
+    batch = token_batch(cfg.vocab_size, B, T, seed=3)
     loss, st = jax.jit(lambda p: loss_and_stats(ModelFns.from_model(model), cfg, p, batch))(params_of(model))
     ce, expert, device, comm = (float(st[k]) for k in ("ce", "expert_loss", "device_loss", "comm_loss"))
     assert min(expert, device, comm) > 0.1 and abs(device - comm) > 0.05, (expert, device, comm)
@@ -124,16 +122,6 @@ def test_training_loss_weighs_each_balance_loss_by_its_own_alpha():
     assert float(loss) == pytest.approx(want, rel=1e-6, abs=0)
     swapped = ce + a1 * expert + a3 * device + a2 * comm
     assert abs(want - swapped) > 100 * 1e-6 * want  # the check above can tell them apart
-
-
-def _token_batch(vocab, B, T, seed, pad=0):
-    ids = np.random.default_rng(seed).integers(0, vocab, (B, T + 1))
-    seg = np.ones((B, T), np.int32)
-    if pad:
-        seg[-1, -pad:] = 0  # padding at the end of the last row: segment 0
-    return {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-            "segment_ids": jnp.asarray(seg), "loss_mask": jnp.asarray(seg)}
 
 
 def test_router_statistics_are_per_layer_figures_averaged_over_the_moe_layers():
@@ -147,7 +135,7 @@ def test_router_statistics_are_per_layer_figures_averaged_over_the_moe_layers():
 
     cfg = load_config("tiny", num_hidden_layers=3, capacity_factor=0.5)
     model = init_model(cfg, seed=4)
-    batch = _token_batch(cfg.vocab_size, 2, 16, seed=5, pad=6)
+    batch = token_batch(cfg.vocab_size, 2, 16, seed=5, pad=6)
     fns, params = ModelFns.from_model(model), params_of(model)
     _, st = jax.jit(lambda p: loss_and_stats(fns, cfg, p, batch))(params)
     _, routers = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"], train=True)
