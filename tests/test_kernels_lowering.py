@@ -52,6 +52,13 @@ CASES = {
                              SDS((8,), jnp.int32)), 1),
     "mla_decode_paged": (_decode_paged, (SDS((8, 16, 576), BF16), SDS((64, 64, 576), BF16),
                                          SDS((8, 16), jnp.int32), SDS((8,), jnp.int32)), 1),
+    # Shorter than the default blocks and not a power of two: the GPU blocks are shrunk to
+    # the next power of two (40 -> 64), never to the length itself, nor 20 heads to a
+    # 20-row head block; Triton refuses tensors of other sizes.
+    "flash_mla_bwd_short": (_prefill_grad, (SDS((1, 40, 2, 192), BF16), SDS((1, 40, 2, 192), BF16),
+                                            SDS((1, 40, 2, 128), BF16), SDS((1, 40), jnp.int32)), 3),
+    "mla_decode_odd_heads": (_decode, (SDS((2, 20, 576), BF16), SDS((2, 100, 576), BF16),
+                                       SDS((2,), jnp.int32)), 1),
 }
 
 
