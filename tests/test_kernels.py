@@ -437,3 +437,36 @@ def test_pow2_chunks():
     assert pow2_chunks(192) == ((0, 128), (128, 64))
     assert pow2_chunks(576) == ((0, 512), (512, 64))
     assert pow2_chunks(48) == ((0, 32), (32, 16))
+
+
+def test_flash_mla_sequence_padded_to_the_largest_block():
+    """The sequence is padded to a multiple of the largest of the six blocks, so that every
+    kernel's blocks tile it: padded to the smallest only (T = 40 -> 48 with 16-row blocks),
+    the loops over 32-row blocks (forward and dq keys, dk/dv queries) would stop at row 32
+    and leave out the rows past it."""
+    check_flash(1, 40, 2, 32, 16, causal=True, nseg=2, blocks=FlashBlocks(16, 32, 16, 32, 32, 16))
+
+
+def test_flash_mla_tpu_variant_non_square_blocks():
+    """The Mosaic bodies with query blocks of 384 rows over key blocks of 256 (all three
+    kernels), causal, two documents, T = 300: a query block ends inside a key block, so the
+    index map's last key block and the skip test's bound must round up, the dk/dv kernel's
+    first query block down; and the sequence is padded to lcm(384, 256) = 768, a multiple of
+    both (to 384 only, the key loop would stop at row 256). Square blocks make each of these
+    exact, which is all the other TPU tests use."""
+    check_flash(1, 300, 1, 32, 16, causal=True, nseg=2,
+                blocks=FlashBlocks(384, 256, 384, 256, 384, 256), interpret=TPU)
+
+
+def test_decode_split_heuristic():
+    """`BlockSizes.splits`: enough splits for `target_programs` programs over the (batch,
+    head-block) ones, but each split at least `min_split_blocks` blocks long; a given
+    `num_splits` is kept up to one block per split; the splits always cover every block."""
+    gpu = DecodeBlocks()
+    assert gpu.splits(1, 1, 16) == (4, 4)      # 132 wanted, 16 // 4 = 4 allowed
+    assert gpu.splits(1, 1, 3) == (1, 3)       # too short to split
+    assert gpu.splits(8, 4, 100) == (5, 20)    # ceil(132 / 32) = 5
+    assert gpu.splits(200, 1, 100) == (1, 100)  # the batch fills the chip alone
+    assert DecodeBlocks(num_splits=3).splits(1, 1, 5) == (3, 2)
+    assert DecodeBlocks(num_splits=10).splits(1, 1, 4) == (4, 1)
+    assert DecodeBlocks(num_splits=2).splits(1, 1, 5) == (2, 3)
