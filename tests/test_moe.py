@@ -323,3 +323,49 @@ def test_rows_per_token_limit_at_v2_shapes():
     assert (np.asarray(r.topk_idx) < 4).all()  # every token's 3 experts in group 0
     assert np.asarray(r.rows).tolist().count(1) == 4 and int(np.asarray(r.rows).sum()) == 4
     assert int(np.asarray(r.keep).sum()) == 4 * 3
+
+
+@settings(SETTINGS, max_examples=10)
+@given(routing=routings(), seed=st.integers(0, 2**16), window=st.sampled_from([None, 1, 2, 4]))
+def test_decode_routing_reads_the_stacks_window_by_window(routing, seed, window):
+    """`routed_experts_stacked` (decode: one loop over all windows, each window's expert
+    found by a search over the experts' window counts) against the per-token reference, at
+    the default window (`decode_window_rows`) and at 1, 2, 4 rows: a window given to the
+    wrong expert, or an expert's last window cut wrongly, changes a token's output."""
+    from dsv2_jax.moe.gmm import routed_experts_stacked
+
+    T, idx, weight = routing
+    L, i = 2, seed % 2
+    per_layer = [_weights(seed + j) for j in range(L)]
+    stacks = [np.stack([w[k] for w in per_layer]) for k in range(3)]
+    x = np.random.default_rng(seed + 3).standard_normal((T, D)).astype(np.float32)
+    got = jax.jit(lambda x, *s: routed_experts_stacked(x, idx, weight, *s, jnp.int32(i), window))(x, *stacks)
+    _close(got, _routed_np(x, idx, weight, *per_layer[i]))
+
+
+def test_window_sizes():
+    """The window rows the docstrings give (and docs/benchmarks.md measured): decode's 1 row
+    for one token, else half the largest power of two <= tokens, between 2 and 8; the
+    blocked backend's about a quarter of the mean group, a power of two between 8 and 128."""
+    from dsv2_jax.moe.gmm import decode_window_rows, window_rows
+
+    assert [decode_window_rows(t) for t in (0, 1, 2, 3, 4, 7, 8, 15, 16, 100)] == [1, 1, 2, 2, 2, 2, 4, 4, 8, 8]
+    assert window_rows(4096, 64) == 32   # mean group 64
+    assert window_rows(1000, 4) == 64    # mean 250: 125 -> 64
+    assert window_rows(10, 64) == 8      # tiny groups: the floor
+    assert window_rows(2 ** 20, 8) == 128  # the ceiling
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_past_the_groups_come_out_as_zeros(backend):
+    """Rows past sum(group_sizes) (assignments dropped by the capacity limit sort last) come
+    out as zeros whatever they hold, so a dropped assignment adds nothing to its token: the
+    last expert's last window, which runs past its rows, must not write into them."""
+    rng, seed = np.random.default_rng(), int(np.random.SeedSequence().entropy % 2**16)
+    sizes, M = [3, 0, 4, 0, 2], 13  # 9 rows in groups, the last group ending mid-window
+    wg, wu, wd = _weights(seed)
+    xs = rng.standard_normal((M, D)).astype(np.float32)
+    got = np.asarray(_expert_ffn(xs, jnp.asarray(sizes, jnp.int32), wg, wu, wd, backend))
+    assert not got[9:].any(), (seed, got[9:])
+    expert_of_row = np.repeat(np.arange(E), sizes)
+    _close(got[:9], np.stack([_ffn_np(xs[r], wg[e], wu[e], wd[e]) for r, e in enumerate(expert_of_row)]))
