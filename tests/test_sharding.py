@@ -214,6 +214,32 @@ def test_chunked_cross_entropy_equals_the_plain_one_and_its_gradient():
     assert float(chunked_cross_entropy(h, w, tgt, mask, 8)[1]) == float(mask.sum())
 
 
+def test_chunked_cross_entropy_gradient_follows_the_cotangent():
+    """The loss's own backward multiplies by its incoming cotangent: training differentiates
+    the mean (sum / count), not the sum, so a backward that assumed a cotangent of 1 would
+    pass a gradient test of the sum alone and train with a gradient `count` times too large."""
+    from dsv2_jax.train.loss import chunked_cross_entropy, cross_entropy
+
+    rng = np.random.default_rng()
+    B, T, D, V = 2, 23, 8, 29
+    h = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((D, V)) * 0.3, jnp.float32)
+    tgt = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    mask = jnp.asarray(rng.random((B, T)) > 0.3, jnp.int32)
+
+    def mean(loss):
+        total, count = loss
+        return total / count
+
+    want = jax.grad(lambda h, w: mean(cross_entropy(jnp.einsum("btd,dv->btv", h, w), tgt, mask)),
+                    argnums=(0, 1))(h, w)
+    for chunk in (0, 8):  # one chunk, and a scan over three
+        got = jax.grad(lambda h, w: mean(chunked_cross_entropy(h, w, tgt, mask, chunk)),
+                       argnums=(0, 1))(h, w)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
 def test_chunked_cross_entropy_gradient_in_bf16_has_the_operands_dtype():
     """The loss's own backward returns bf16 cotangents for bf16 hidden states and weights
     (float32 accumulation), within bf16 rounding of the float32 gradient."""
