@@ -7,6 +7,7 @@ config, mesh and batch with the `cpu` target, must agree with that per-device to
 15%, and its parameter and optimizer bytes must equal the compiled arguments'."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -295,3 +296,85 @@ def test_cli_refuses_a_device_memory_of_nothing(memory, capsys):
                  "--device-memory", memory]) == 1
     out = capsys.readouterr()
     assert "--device-memory must be positive" in out.err and "per device" not in out.out
+
+
+def test_cli_refuses_no_devices(capsys):
+    """--devices 0 with an axis of -1 would plan a mesh with an axis of size 0 (and divide
+    the batch by it): refused in one line, no plan printed."""
+    from dsv2_jax.cli import main
+
+    assert main(["plan", "--config", "tiny", "--mesh", "fsdp=-1", "--devices", "0", "--batch-size", "2",
+                 "--seq-len", "32"]) == 1
+    out = capsys.readouterr()
+    assert "--devices must be positive, got 0" in out.err and "per device" not in out.out
+
+
+def test_cli_defaults_are_one_h100_float32_master_weights_and_the_gpu_target(capsys):
+    """Without --device-memory, --master-dtype, --target and --grad-accum the command plans
+    for an 80 GB device (80e9 bytes, as the help says: H100), float32 master weights, the
+    gpu target and one micro-batch: exactly the plan with those given."""
+    from dsv2_jax.cli import main
+
+    argv = ["plan", "--config", "tiny", "--mesh", "fsdp=2", "--batch-size", "2", "--seq-len", "32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    want = make_plan(load_config("tiny"), "fsdp=2", 2, 32, device_memory=80e9, master_dtype="float32",
+                     target="gpu", grad_accum=1)
+    assert format_plan(want) in out
+    assert "target gpu" in out and "master float32" in out and "of 80.00" in out
+
+
+def test_batch_search_reaches_its_limit_exactly():
+    """max_batch searches up to `limit` sequences per token shard inclusive, whatever the
+    limit (not only powers of two): the tiny model fits any batch here, so the answer is the
+    limit times the token shards."""
+    for limit in (100, 5, 64):
+        assert max_batch(load_config("tiny"), "fsdp=2", 32, limit=limit, n_devices=2) == 2 * limit, limit
+
+
+def test_advice_lists_the_four_best_changes_that_lower_the_total():
+    """A plan that does not fit lists at most four changes, best first, and only changes
+    that bring the total down (a capacity factor changes nothing without an expert axis)."""
+    cfg = load_config("v2").replace(dtype="bfloat16", remat="full")
+    lines = [line for line in format_plan(make_plan(cfg, "data=8", 8, 4096)).splitlines() if "would help" in line]
+    assert len(lines) == 4, lines
+    totals = [float(line.split("-> ")[1].split()[0]) for line in lines]
+    assert totals == sorted(totals) and not any("capacity_factor" in line for line in lines)
+    alone = format_plan(make_plan(cfg, "fsdp=1", 1, 4096, master_dtype="bfloat16", device_memory=1e9))
+    assert "would help" not in alone and "also: more devices" in alone  # one sequence: none fewer
+    two = format_plan(make_plan(cfg, "fsdp=1", 2, 4096, master_dtype="bfloat16", device_memory=1e9))
+    assert "also: fewer sequences per device (now 2 per token shard) or more devices" in two
+
+
+def test_mesh_moves_keep_the_device_count():
+    """The meshes advice tries are the same devices rearranged: an odd axis is not halved."""
+    from dsv2_jax.plan import _mesh_moves
+
+    cfg = load_config("v2")
+    for spec in ("data=3", "data=6,fsdp=3", "fsdp=5,expert=2", "data=2,fsdp=4"):
+        sizes = mesh_sizes(spec)
+        moves = list(_mesh_moves(cfg, sizes))
+        for why, m in moves:
+            assert math.prod(m.values()) == math.prod(sizes.values()), (spec, why, m)
+
+
+def test_table_shows_what_the_mesh_has():
+    """The expert-dispatch block appears only with an expert axis (else one line says there
+    is none), the traffic block lists only the axes larger than 1, and every part of a term
+    from 5 MB up has its line."""
+    cfg = load_config("tiny")
+    text = format_plan(make_plan(cfg, "fsdp=8", 8, 256))
+    assert "expert dispatch, one MoE layer: none (no expert axis" in text and "rows per destination" not in text
+    assert "  fsdp (8)" in text and "data (1)" not in text and "tensor (1)" not in text and "expert (1)" not in text
+    plan = make_plan(cfg, "fsdp=8", 8, 256)
+    parts = [(part, b) for d in plan.details.values() for part, b in d.items() if b >= 0.005 * GB]
+    assert any(b < 0.05 * GB for _, b in parts)
+    for part, b in parts:
+        assert f"    {part:36s}{b / GB:10.2f}" in text, part
+    ep = format_plan(make_plan(cfg, "fsdp=2,expert=2", 8, 256))
+    assert "rows per destination C" in ep and "  expert (2)" in ep
+
+
+def test_grad_accum_below_one_is_refused():
+    with pytest.raises(ValueError, match="--grad-accum 0"):
+        make_plan(load_config("tiny"), "fsdp=2", 2, 32, grad_accum=0)
