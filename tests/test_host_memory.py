@@ -194,3 +194,21 @@ def test_every_command_that_computes_reruns(monkeypatch, command, reruns):
     monkeypatch.setenv("DSV2_HUGE_PAGES", "1")
     host_memory.reexec_for_host_memory(command)
     assert calls == ([f"{TUNABLE}=1"] if reruns else [])
+
+
+def test_huge_pages_from_glibc_2_35_on():
+    """glibc 2.35 is the first with the hugetlb tunable: it gets the re-run, 2.34 does not."""
+    base = {"DSV2_HUGE_PAGES": "1"}
+    assert huge_page_env(base, (2, 35), "always")[0]["GLIBC_TUNABLES"] == f"{TUNABLE}=1"
+    assert huge_page_env(base, (3, 0), "always")[0] is not None
+    assert huge_page_env(base, (2, 34), "always")[0] is None
+
+
+def test_every_spelling_the_variables_document_is_understood():
+    """DSV2_HUGE_PAGES takes 1/true/yes/on in any case (host_env calls each of them
+    understood, so none may quietly mean off); DSV2_MALLOC names the C library's own malloc
+    by any of its spellings, in any case, without a note."""
+    for yes in ("1", "true", "yes", "on", "ON", " On "):
+        assert huge_page_env({"DSV2_HUGE_PAGES": yes}, (2, 36), "madvise")[0] is not None, yes
+    for libc in ("glibc", "libc", "default", "system", "0", "off", "no", "none", "None", "GLIBC"):
+        assert malloc_env({"DSV2_MALLOC": libc}, lambda name: "libx.so") == (None, None), libc
