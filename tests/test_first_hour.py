@@ -392,3 +392,19 @@ def test_out_of_memory_is_one_line_with_what_would_help(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("dsv2: error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating")
     assert "dsv2 plan" in err and len(err.strip().splitlines()) == 1
+
+
+def test_info_prints_the_counts_of_the_config(capsys):
+    """`dsv2 info` prints count_params' total and active figures, each in its own unit
+    (a count of exactly one unit is 1.00 of it, not 1000 of the unit below)."""
+    from dsv2_jax import load_config
+    from dsv2_jax.params import count_params, human_count
+
+    assert cli_main(["info", "tiny"]) == 0
+    out = capsys.readouterr().out
+    total, active = count_params(load_config("tiny"))
+    assert total != active
+    assert f"total parameters:  {total:,} ({human_count(total)})" in out
+    assert f"active per token:  {active:,} ({human_count(active)}, input embedding excluded)" in out
+    assert human_count(10**6) == "1.00M" and human_count(1000) == "1.00K" and human_count(10**9) == "1.00B"
+
