@@ -408,3 +408,19 @@ def test_info_prints_the_counts_of_the_config(capsys):
     assert f"active per token:  {active:,} ({human_count(active)}, input embedding excluded)" in out
     assert human_count(10**6) == "1.00M" and human_count(1000) == "1.00K" and human_count(10**9) == "1.00B"
 
+
+
+def test_a_subcommand_whose_import_breaks_is_not_silently_dropped(tmp_path, monkeypatch):
+    """A subcommand module that is absent is left out of `dsv2` (an optional part not
+    installed), but one that is there and fails to import a dependency raises, naming the
+    dependency, instead of vanishing from the command line."""
+    from dsv2_jax import cli
+
+    (tmp_path / "dsv2_broken_cmd.py").write_text("import dsv2_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "_COMMAND_MODULES", ("dsv2_jax.cli_info", "dsv2_not_installed_cmd"))
+    assert "info" in cli.build_parser().format_help()
+    monkeypatch.setattr(cli, "_COMMAND_MODULES", ("dsv2_jax.cli_info", "dsv2_broken_cmd"))
+    with pytest.raises(ModuleNotFoundError) as e:
+        cli.build_parser()
+    assert e.value.name == "dsv2_no_such_dependency"
