@@ -715,3 +715,236 @@ def test_temporaries_of_killed_conversions_are_cleaned(lite, tmp_path):
     (stale / "params").mkdir(parents=True)
     assert _cli(lite, tmp_path / "ob", "--to", "orbax", "--no-progress") == 0
     assert not stale.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Output layout, progress, and what travels with a checkpoint (mutation round 6).
+
+
+def test_hf_shards_fill_up_to_the_shard_size_and_carry_transformers_names(v2_orbax, tmp_path):
+    """--shard-size is the largest a shard may be, not one byte less: a limit equal to the
+    model's bytes gives one file, one byte less two (the last tensor alone in the second).
+    The files are named as transformers names them (model-00001-of-00002.safetensors,
+    counting from 1), and every shard keeps under the limit."""
+    assert _cli(v2_orbax, tmp_path / "whole", "--to", "hf", "--no-progress", "--shard-size", "1TB") == 0
+    total = SafetensorsDir(str(tmp_path / "whole")).total_bytes()
+    for limit, names in ((total, ["model-00001-of-00001.safetensors"]),
+                         (total - 1, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])):
+        out = tmp_path / f"s{limit}"
+        assert _cli(v2_orbax, out, "--to", "hf", "--no-progress", "--shard-size", f"{limit}B") == 0
+        assert sorted(set(_shards(out).values())) == names, limit
+        st = SafetensorsDir(str(out))
+        assert all(sum(e[3] - e[2] for e in st.files[n].entries.values()) <= limit for n in names)
+        assert _mismatches(tmp_path / "whole", out) == []
+
+
+def test_plain_progress_counts_tensors_and_reports_every_tenth(capsys):
+    """Off a terminal, progress is a header and a line each time another tenth of the bytes
+    is done, counting the tensors written so far: a tensor that jumps past several tenths
+    gives one line, not one per tenth crossed spread over the tensors after it."""
+    bar = convert.Progress(4, 100, "src -> orbax")
+    for name, nbytes in (("a", 35), ("b", 2), ("c", 13), ("d", 50)):
+        bar.tensor(name, nbytes)
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "src -> orbax: 4 tensors, 0.00 GB"
+    assert [line.split(",")[0].strip() for line in lines[1:]] == ["1/4 tensors", "3/4 tensors", "4/4 tensors"]
+    convert.Progress(4, 100, "quiet", enabled=False).tensor("a", 100)
+    assert capsys.readouterr().out == ""
+
+
+def test_sizes_take_decimal_and_binary_units_in_any_case():
+    """--shard-size and plan's --device-memory: KB/MB/GB/TB are powers of 10, KiB/... of 2,
+    as `du --si` and `du` count them; units in any case, a bare number is bytes."""
+    assert convert.parse_size("30KB") == 30_000 and convert.parse_size("30kb") == 30_000
+    assert convert.parse_size("2GiB") == 2 << 30 and convert.parse_size("2 gib") == 2 << 30
+    assert convert.parse_size("1.5MB") == 1_500_000 and convert.parse_size("7") == 7
+    assert convert.parse_size("1TB") == 10**12 and convert.parse_size("1MiB") == 1 << 20
+    with pytest.raises(ValueError, match="not a size"):
+        convert.parse_size("-5MB")
+
+
+def test_destination_inside_or_around_the_source_is_refused(lite, tmp_path):
+    """DST inside SRC, or SRC inside DST (which --overwrite would delete on the way), is
+    refused before anything is written, and the source is left as it was."""
+    before = sorted(os.listdir(lite))
+    _expect_refusal(lite, os.path.join(lite, "ob"), "overlaps the source")
+    err = StringIO()
+    with redirect_stderr(err), redirect_stdout(StringIO()):
+        assert _cli(lite, tmp_path, "--to", "orbax", "--overwrite") == 1
+    assert "overlaps the source" in err.getvalue()
+    assert sorted(os.listdir(lite)) == before and _mismatches(lite, lite) == []
+
+
+def test_sigterm_midway_exits_130_and_leaves_nothing(lite, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's kill) cleans up as Ctrl-C does: exit 130, one line saying DST
+    was not written, no DST and no temporary; the previous SIGTERM handler is restored."""
+    import signal
+
+    calls = {"n": 0}
+    orig = convert.HFSource.read
+
+    def killed(self, e, dtype):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self, e, dtype)
+
+    monkeypatch.setattr(convert.HFSource, "read", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    err = StringIO()
+    with redirect_stderr(err), redirect_stdout(StringIO()):
+        assert _cli(lite, tmp_path / "ob", "--to", "orbax") == 130
+    assert f"interrupted; {tmp_path / 'ob'} not written" in err.getvalue()
+    assert _no_leftovers(tmp_path / "ob") and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_swap_that_died_half_way_gives_the_old_checkpoint_back(lite, tmp_path):
+    """A conversion with --overwrite killed between moving the old DST aside and moving the
+    new one in leaves only `.DST.dsv2-old-PID`: the next conversion puts it back at DST
+    (and, without --overwrite, does not replace it), rather than deleting the user's
+    checkpoint as a stale temporary."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    old = tmp_path / f".ob.dsv2-old-{dead}"
+    old.mkdir()
+    (old / "precious.txt").write_text("the checkpoint from before")
+    err = StringIO()
+    with redirect_stderr(err), redirect_stdout(StringIO()):
+        assert _cli(lite, tmp_path / "ob", "--to", "orbax") == 1
+    assert "--overwrite" in err.getvalue()
+    assert (tmp_path / "ob" / "precious.txt").read_text() == "the checkpoint from before"
+    assert not glob.glob(str(tmp_path / ".ob.dsv2-*"))
+
+
+def test_the_files_of_a_hub_snapshot_travel(lite, tmp_path):
+    """The Hugging Face cache keeps a snapshot's files as links into its blobs/ folder: those
+    are followed (the tokenizer and the generation settings reach DST with their contents),
+    and every known auxiliary file travels beside the weights."""
+    blobs = tmp_path / "hub" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "3f2a").write_text('{"model": "bpe"}')
+    os.symlink(blobs / "3f2a", os.path.join(lite, "tokenizer.json"))
+    aux = {"generation_config.json": '{"do_sample": true}', "tokenizer.model": "sp",
+           "special_tokens_map.json": "{}", "chat_template.jinja": "{{ x }}", "modeling_deepseek.py": "#",
+           "README.md": "card", "LICENSE": "terms"}
+    for name, text in aux.items():
+        with open(os.path.join(lite, name), "w") as f:
+            f.write(text)
+    dst = tmp_path / "ob"
+    assert _cli(lite, dst, "--to", "orbax", "--no-progress") == 0
+    assert (dst / "tokenizer.json").read_text() == '{"model": "bpe"}' and not os.path.islink(dst / "tokenizer.json")
+    for name, text in aux.items():
+        assert (dst / name).read_text() == text, name
+    assert _cli(dst, tmp_path / "back", "--to", "hf", "--no-progress") == 0
+    assert (tmp_path / "back" / "generation_config.json").read_text() == aux["generation_config.json"]
+
+
+def test_dtype_flag_on_an_orbax_source_sets_the_compute_dtype_too(v2_orbax, tmp_path):
+    """--dtype casts the parameters and makes the checkpoint compute in that dtype, whatever
+    the source: an Orbax source cast to float32 loads as float32 / float32 (not float32
+    weights computing in the source's bfloat16), as the same cast of its HF form does."""
+    assert convert.convert(v2_orbax, str(tmp_path / "ob32"), "orbax", dtype="float32", progress=False)
+    assert convert.convert(v2_orbax, str(tmp_path / "hf32"), "hf", dtype="float32", progress=False)
+    via_orbax = from_pretrained(str(tmp_path / "ob32")).cfg
+    via_hf = from_pretrained(str(tmp_path / "hf32")).cfg
+    assert (via_orbax.param_dtype, via_orbax.dtype) == (via_hf.param_dtype, via_hf.dtype) == ("float32", "float32")
+
+
+def test_export_back_to_bf16_refuses_values_bf16_cannot_hold(v2_bf16, v2_orbax, tmp_path):
+    """An Orbax checkpoint from a bf16 HF source exports back to bf16 (the dtype it had)
+    only while that is exact: once a float32 parameter holds a value bf16 cannot (weights
+    trained in float32), the export refuses, naming the tensor, unless --dtype chooses."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    model = from_pretrained(v2_orbax, dtype="float32")
+    model.norm.weight.value = model.norm.weight.value + 1e-3
+    d = tmp_path / "trained"
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(str(d / "params"), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    ckptr.wait_until_finished()
+    model.cfg.save(str(d))
+    shutil.copy(os.path.join(v2_orbax, orbax_io.META_FILE), d)  # hf_dtypes: BF16
+    err = _expect_refusal(d, tmp_path / "hf", "'model.norm.weight' holds values not exactly representable", to="hf")
+    assert "BF16" in err and "--dtype" in err
+    assert _cli(d, tmp_path / "hf", "--to", "hf", "--dtype", "float32", "--no-progress") == 0
+    assert SafetensorsDir(str(tmp_path / "hf")).dtype_name("model.norm.weight") == "F32"
+
+
+def test_no_progress_prints_nothing(lite, tmp_path, capsys):
+    assert _cli(lite, tmp_path / "ob", "--to", "orbax", "--no-progress") == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_a_scale_beside_a_weight_that_is_not_fp8_is_refused(lite, tmp_path):
+    """A `weight_scale_inv` whose weight is bf16 or float32 is refused by name, in an FP8
+    checkpoint (where scales are expected, and ignoring this one would load its weight
+    unscaled) and in a plain one."""
+    path, _, _ = _fp8_checkpoint(tmp_path)
+    st = SafetensorsDir(path)
+    arrays = {n: np.array(st.get(n)) for n in st.keys()}
+    stray = "model.layers.1.mlp.gate.weight_scale_inv"  # the router stays bf16
+    arrays[stray] = np.ones((1, 6), np.float32)
+    os.remove(os.path.join(path, "model.safetensors"))
+    write_safetensors(os.path.join(path, "model.safetensors"),
+                      [(n, {1: "F8_E4M3", 2: "BF16", 4: "F32"}[a.itemsize], a.shape) for n, a in arrays.items()],
+                      arrays.__getitem__)
+    err = _expect_refusal(path, tmp_path / "ob", f"{stray!r} scales no FP8 tensor", "--dtype", "float32")
+    assert "BF16" in err
+    _rewrite(lite, add={"model.norm.weight_scale_inv": np.ones((1,), np.float32)})
+    _expect_refusal(lite, tmp_path / "ob2", "'model.norm.weight_scale_inv' scales no FP8 tensor")
+
+
+def test_destination_that_is_a_file_is_refused_before_converting(lite, tmp_path):
+    dst = tmp_path / "ob"
+    dst.write_text("not a checkpoint")
+    err = StringIO()
+    with redirect_stderr(err), redirect_stdout(StringIO()):
+        assert _cli(lite, dst, "--to", "orbax") == 1
+    assert "already exists (pass --overwrite" in err.getvalue() and dst.read_text() == "not a checkpoint"
+
+
+def test_overwrite_puts_the_old_destination_back_when_the_swap_fails(lite, tmp_path, monkeypatch):
+    """--overwrite moves the old DST aside, then the new one in; when that second move
+    fails (here: injected), the old DST is moved back, and nothing else is left."""
+    dst = tmp_path / "ob"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+    real = os.rename
+
+    def rename(a, b):
+        if os.path.basename(str(a)).startswith(".ob.dsv2-tmp-") and str(b) == str(dst):
+            raise OSError(5, "Input/output error")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    err = StringIO()
+    with redirect_stderr(err), redirect_stdout(StringIO()):
+        assert _cli(lite, dst, "--to", "orbax", "--overwrite") == 1
+    assert "Input/output error" in err.getvalue()
+    assert (dst / "keep.txt").read_text() == "old" and sorted(os.listdir(dst)) == ["keep.txt"]
+    assert not glob.glob(str(tmp_path / ".ob.dsv2-*"))
+
+
+def test_api_refuses_an_unknown_format_or_dtype_before_reading(tmp_path):
+    """convert() called from Python (no argparse choices to stop it) refuses a --to or
+    --dtype it does not know, before looking at SRC."""
+    with pytest.raises(CheckpointError, match="--to 'safetensors': expected 'orbax' or 'hf'"):
+        convert.convert(str(tmp_path / "absent"), str(tmp_path / "out"), "safetensors")
+    with pytest.raises(CheckpointError, match=r"--dtype 'int8': expected one of \['bfloat16', 'float16', 'float32'\]"):
+        convert.convert(str(tmp_path / "absent"), str(tmp_path / "out"), "orbax", dtype="int8")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_auxiliary_file_too_large_to_be_one_stays_behind(lite, tmp_path):
+    """A file with a tokenizer's name but over 100 MiB (sparse here: nothing is written) is
+    not one: it is not copied into DST."""
+    with open(os.path.join(lite, "tokenizer.model"), "wb") as f:
+        f.truncate(convert._AUX_MAX_BYTES + 1)
+    with open(os.path.join(lite, "tokenizer_config.json"), "w") as f:
+        f.write("{}")
+    assert _cli(lite, tmp_path / "ob", "--to", "orbax", "--no-progress") == 0
+    assert os.path.exists(tmp_path / "ob" / "tokenizer_config.json")
+    assert not os.path.exists(tmp_path / "ob" / "tokenizer.model")
+
