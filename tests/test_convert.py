@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -947,4 +948,97 @@ def test_an_auxiliary_file_too_large_to_be_one_stays_behind(lite, tmp_path):
     assert _cli(lite, tmp_path / "ob", "--to", "orbax", "--no-progress") == 0
     assert os.path.exists(tmp_path / "ob" / "tokenizer_config.json")
     assert not os.path.exists(tmp_path / "ob" / "tokenizer.model")
+
+
+def _raw_safetensors(path, header: dict, data: bytes) -> None:
+    """A .safetensors file written byte by byte (header as given, padded to 8 bytes)."""
+    import struct
+
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("header,data,why", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, 24, "overlapping or gapped"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "truncated or corrupted safetensors file"),  # 4 trailing bytes
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, 12, "do not match shape (2,) F32"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"format": "pt"}}, 8, None),
+])
+def test_shard_data_must_be_tiled_exactly_by_its_tensors(tmp_path, header, data, why):
+    """Every byte of a shard's data belongs to exactly one tensor of the size its shape and
+    dtype say: a gap, trailing bytes or a tensor whose byte range disagrees with its shape
+    mean a damaged or foreign file and are refused naming it; the metadata entry is not a
+    tensor."""
+    path = str(tmp_path / "model.safetensors")
+    _raw_safetensors(path, header, b"\0" * data)
+    if why is None:
+        assert list(SafetensorsDir(str(tmp_path)).keys()) == ["a"]
+        return
+    with pytest.raises(CheckpointError, match=re.escape(why)) as e:
+        SafetensorsDir(str(tmp_path))
+    assert path in str(e.value)
+
+
+def test_a_tensor_in_two_shards_and_an_empty_checkpoint_are_refused(tmp_path):
+    """A tensor stored in a shard the index does not assign it to (here: in both shards) is
+    refused naming that shard, not silently shadowed; a checkpoint without tensors is
+    refused as such."""
+    x = {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    _raw_safetensors(str(tmp_path / "s1.safetensors"), {**x, "y": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+                     b"\0" * 8)
+    _raw_safetensors(str(tmp_path / "s2.safetensors"), x, b"\0" * 4)
+    json.dump({"weight_map": {"x": "s2.safetensors", "y": "s1.safetensors"}},
+              open(tmp_path / SafetensorsDir.INDEX, "w"))
+    with pytest.raises(CheckpointError, match=r"s1\.safetensors: tensor 'x' is not listed for this shard"):
+        SafetensorsDir(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _raw_safetensors(str(empty / "model.safetensors"), {"__metadata__": {"format": "pt"}}, b"")
+    with pytest.raises(CheckpointError, match="holds no tensors"):
+        SafetensorsDir(str(empty))
+
+
+def test_dominant_dtype_counts_bytes_not_tensors(tmp_path):
+    """The parameter dtype a checkpoint defaults to is the dtype most of its bytes have: one
+    large float32 tensor outweighs three small bf16 ones."""
+    arrays = {"big": np.zeros((64, 16), np.float32), **{f"s{i}": np.zeros(8, ml_dtypes.bfloat16) for i in range(3)}}
+    write_safetensors(str(tmp_path / "model.safetensors"),
+                      [(n, "F32" if a.dtype == np.float32 else "BF16", a.shape) for n, a in arrays.items()],
+                      arrays.__getitem__)
+    assert SafetensorsDir(str(tmp_path)).dominant_dtype() == "F32"
+
+
+def test_writer_aligns_the_data_and_refuses_a_tensor_unlike_its_header(tmp_path):
+    """The header is padded so the data starts on an 8-byte boundary (as the reference
+    writer does, keeping memory-mapped tensors aligned); an array produced with another
+    dtype or shape than its header entry is refused, never written as mismatched bytes."""
+    import struct
+
+    path = str(tmp_path / "model.safetensors")
+    for name in ("a", "ab", "abc", "abcd", "abcde", "abcdef", "abcdefg", "abcdefgh"):  # every remainder
+        write_safetensors(path, [(name, "F32", (3,))], lambda n: np.arange(3, dtype=np.float32))
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        assert (8 + n) % 8 == 0, name
+        assert SafetensorsDir(str(tmp_path)).get(name).tolist() == [0, 1, 2]
+    with pytest.raises(CheckpointError, match="'a' is float64"):
+        write_safetensors(path, [("a", "F32", (3,))], lambda n: np.zeros(3, np.float64))
+    with pytest.raises(CheckpointError, match=r"'a' is float32\(4,\), expected F32\(3,\)"):
+        write_safetensors(path, [("a", "F32", (3,))], lambda n: np.zeros(4, np.float32))
+
+
+def test_float16_tensors_read_as_float16(tmp_path):
+    """Each safetensors dtype maps to its numpy dtype: a float16 checkpoint written by
+    transformers reads back as transformers' own values (bfloat16, the same width, would
+    read other numbers from the same bytes)."""
+    hf = ref.build(ref.LITE, seed=5)
+    src = ref.save(hf, str(tmp_path / "hf16"), dtype=torch.float16)
+    st = SafetensorsDir(src)
+    want = {k: v.to(torch.float16).numpy() for k, v in hf.state_dict().items()}
+    n = "model.layers.0.self_attn.o_proj.weight"
+    assert st.dtype_name(n) == "F16" and st.get(n).dtype == np.float16
+    np.testing.assert_array_equal(st.get(n), want[n])
 
