@@ -1042,3 +1042,68 @@ def test_float16_tensors_read_as_float16(tmp_path):
     assert st.dtype_name(n) == "F16" and st.get(n).dtype == np.float16
     np.testing.assert_array_equal(st.get(n), want[n])
 
+
+def test_fp8_checkpoint_with_oblong_blocks_dequantises_rows_and_columns_by_their_own_block(tmp_path):
+    """weight_block_size [8, 16] is 8 rows by 16 columns (quantization_config lists the
+    output dimension first): each weight dequantises as the reference does, and the same
+    checkpoint stated with the block the other way round is refused (its scales no longer
+    fit)."""
+    path, _, dequant = _fp8_checkpoint(tmp_path, block=(8, 16))
+    assert _cli(path, tmp_path / "hf32", "--to", "hf", "--dtype", "float32", "--no-progress") == 0
+    st = SafetensorsDir(str(tmp_path / "hf32"))
+    for n, want in dequant.items():
+        np.testing.assert_array_equal(st.get(n), want.numpy(), err_msg=n)
+    c = json.load(open(os.path.join(path, "config.json")))
+    c["quantization_config"]["weight_block_size"] = [16, 8]
+    json.dump(c, open(os.path.join(path, "config.json"), "w"))
+    _expect_refusal(path, tmp_path / "ob", "_scale_inv' has shape", "--dtype", "float32")
+
+
+def test_fp8_block_size_must_be_two_positive_integers():
+    assert fp8.block_size({}) == (128, 128)
+    assert fp8.block_size({"quantization_config": {"weight_block_size": [64, 32]}}) == (64, 32)
+    for bad in ([0, 128], [128], [128, 128, 1], [128, 1.5], [-8, 8]):
+        with pytest.raises(CheckpointError, match="two positive integers"):
+            fp8.block_size({"quantization_config": {"weight_block_size": bad}})
+
+
+def test_fp8_refusals_name_the_scale_or_the_weight(tmp_path):
+    """A scale of the wrong shape is refused naming it and the shape it should have, and an
+    FP8 tensor that is not a 2-D weight is refused as unsupported, both before anything is
+    written; an e5m2 weight with its scale dequantises like an e4m3 one."""
+    path, _, _ = _fp8_checkpoint(tmp_path)
+    st = SafetensorsDir(path)
+    arrays = {n: np.array(st.get(n)) for n in st.keys()}
+
+    def write(arrays):
+        os.remove(os.path.join(path, "model.safetensors"))
+        write_safetensors(os.path.join(path, "model.safetensors"),
+                          [(n, convert._dtname(a.dtype), a.shape) for n, a in arrays.items()], arrays.__getitem__)
+
+    scale = "model.layers.0.mlp.up_proj.weight_scale_inv"
+    write({**arrays, scale: arrays[scale][:, :-1]})
+    err = _expect_refusal(path, tmp_path / "ob", f"{scale!r} has shape", "--dtype", "float32")
+    assert f"expected {arrays[scale].shape}" in err
+    norm = "model.norm.weight"
+    write({**arrays, norm: arrays[norm].astype(ml_dtypes.float8_e4m3fn), norm + "_scale_inv": np.ones((1,), np.float32)})
+    _expect_refusal(path, tmp_path / "ob", "only 2-D block-quantised weights are supported", "--dtype", "float32")
+    w = "model.layers.0.mlp.up_proj.weight"
+    e5 = arrays[w].astype(np.float32).astype(ml_dtypes.float8_e5m2)
+    write({**arrays, w: e5})
+    assert _cli(path, tmp_path / "e5", "--to", "hf", "--dtype", "float32", "--no-progress") == 0
+    full = np.repeat(np.repeat(arrays[scale], 8, 0), 8, 1)[: e5.shape[0], : e5.shape[1]]
+    np.testing.assert_array_equal(SafetensorsDir(str(tmp_path / "e5")).get(w), e5.astype(np.float32) * full)
+
+
+def test_tied_embeddings_convert_and_load_without_an_output_head(tmp_path):
+    """With tie_word_embeddings the checkpoint has no lm_head.weight (the output projection
+    is the embedding): it converts both ways bit for bit, and our model gives the
+    reference logits."""
+    hf = ref.build(dict(ref.LITE, tie_word_embeddings=True), seed=6)
+    src = ref.save(hf, str(tmp_path / "hf"))
+    assert "lm_head.weight" not in SafetensorsDir(src).keys()
+    assert _cli(src, tmp_path / "ob", "--to", "orbax", "--no-progress") == 0
+    assert _cli(tmp_path / "ob", tmp_path / "back", "--to", "hf", "--no-progress") == 0
+    assert _mismatches(src, tmp_path / "back") == []
+    ids = _ids(ref.LITE["vocab_size"])
+    assert ref.rel_err(np.asarray(from_pretrained(src)(ids.astype(np.int32))), ref.logits(hf, ids)) <= 1e-5
