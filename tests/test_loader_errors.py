@@ -153,3 +153,32 @@ def test_sharded_misshaped_tensor_names_its_file(saved, tmp_path):
     _rewrite(os.path.join(path, shard), lambda t: {**t, name: np.zeros((48, 39), np.float32)})
     msg = _load_error(path)
     assert shard in msg and repr(name) in msg and "(48, 39)" in msg and "(48, 40)" in msg, msg
+
+
+def test_fp8_scales_and_unscaled_fp8_weights_are_refused(saved, tmp_path):
+    """from_pretrained does not dequantise: a `weight_scale_inv` is an unexpected tensor (the
+    checkpoint is FP8; `dsv2 convert --dtype` dequantises it), and an FP8 weight without a
+    scale, e4m3 or e5m2, is refused rather than read as its raw FP8 values."""
+    import ml_dtypes
+
+    path = _copy(saved[0], tmp_path)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    _rewrite(os.path.join(path, "model.safetensors"), lambda t: {**t, name + "_scale_inv": np.ones((1, 1), np.float32)})
+    msg = _load_error(path)
+    assert "unexpected tensor" in msg and repr(name + "_scale_inv") in msg, msg
+    for dt in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
+        path = str(tmp_path / f"unscaled_{np.dtype(dt).name}")
+        shutil.copytree(saved[0], path)
+        _rewrite(os.path.join(path, "model.safetensors"), lambda t: {**t, name: t[name].astype(dt)})
+        msg = _load_error(path)
+        assert repr(name) in msg and "is FP8 (F8_E" in msg, msg
+
+
+def test_compute_dtype_is_honoured(saved):
+    """from_pretrained(dtype=..., compute_dtype=...): parameters in one dtype, activations in
+    the other, as asked (the default computes in the parameters' dtype)."""
+    model = from_pretrained(saved[0], dtype="float32", compute_dtype="bfloat16")
+    assert (model.cfg.param_dtype, model.cfg.dtype) == ("float32", "bfloat16")
+    assert model.embed_tokens.weight.value.dtype == np.float32
+    model = from_pretrained(saved[0], dtype="bfloat16")
+    assert (model.cfg.param_dtype, model.cfg.dtype) == ("bfloat16", "bfloat16")
