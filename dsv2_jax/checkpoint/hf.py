@@ -139,24 +139,6 @@ def read_tensor(src: SafetensorsDir, name: str) -> np.ndarray:
     return src.get(name)
 
 
-def load_state(cfg: DeepseekV2Config, src: SafetensorsDir, abstract_state, *, progress=None) -> dict:
-    """Reads every tensor into host arrays laid out as our state, cast to each parameter's
-    dtype. Returns {path: np.ndarray}."""
-    entries = param_map(cfg, abstract_state)
-    check_tensors(src, entries)
-    flat = _flat(abstract_state)
-    out = {}
-    for e in entries:
-        if e.path not in out:
-            var = flat[e.path]
-            out[e.path] = np.empty(var.shape, np.dtype(var.dtype))
-        arr = read_tensor(src, e.hf_name)
-        out[e.path][e.index] = arr.T if e.transpose else arr
-        if progress is not None:
-            progress(e.hf_name, arr.nbytes)
-    return out
-
-
 def _hf_block(src: SafetensorsDir, e: Entry, trailing: tuple, dtype) -> np.ndarray:
     """The part `trailing` (slices of our trailing dims) of one HF tensor, laid out as ours
     and cast to dtype, reading only the rows of the HF tensor it needs."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -274,7 +274,3 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, str, tuple]], prod
                 on_tensor(name, arr.nbytes)
             del arr
 
-
-def iter_tensors(d: SafetensorsDir) -> Iterator[tuple[str, np.ndarray]]:
-    for name in d.keys():
-        yield name, d.get(name)
