@@ -29,6 +29,8 @@ def parse_mesh(spec: str | None, n_devices: int | None = None, where: str = "") 
     if spec is not None and not spec.strip():
         raise ValueError("--mesh '': empty; give axis=n,... or leave --mesh out for all devices on data")
     n_devices = jax.device_count() if n_devices is None else n_devices
+    if n_devices < 1:
+        raise ValueError(f"a mesh needs at least one device, got {n_devices}{where}")
     if not spec:
         return {a: (n_devices if a == "data" else 1) for a in AXES}
     sizes: dict[str, int] = {}

@@ -315,6 +315,10 @@ def test_mesh_specs():
                      ("fsdp=3,data=-1", "does not divide"), ("pipe=2", "unknown axis")):
         with pytest.raises(ValueError, match=msg):
             parse_mesh(bad, 8)
+    # No devices: an axis of -1 would be 0 and a plan would divide by it.
+    for spec in ("data=-1", None):
+        with pytest.raises(ValueError, match="at least one device"):
+            parse_mesh(spec, 0)
 
 
 def test_sharded_loading_holds_one_block_at_a_time():
