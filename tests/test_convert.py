@@ -803,8 +803,8 @@ def test_sigterm_midway_exits_130_and_leaves_nothing(lite, tmp_path, monkeypatch
 def test_a_swap_that_died_half_way_gives_the_old_checkpoint_back(lite, tmp_path):
     """A conversion with --overwrite killed between moving the old DST aside and moving the
     new one in leaves only `.DST.dsv2-old-PID`: the next conversion puts it back at DST
-    (and, without --overwrite, does not replace it), rather than deleting the user's
-    checkpoint as a stale temporary."""
+    (and, without --overwrite, refuses to replace it before converting anything), rather
+    than deleting the user's checkpoint as a stale temporary."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     old = tmp_path / f".ob.dsv2-old-{dead}"
@@ -813,7 +813,7 @@ def test_a_swap_that_died_half_way_gives_the_old_checkpoint_back(lite, tmp_path)
     err = StringIO()
     with redirect_stderr(err), redirect_stdout(StringIO()):
         assert _cli(lite, tmp_path / "ob", "--to", "orbax") == 1
-    assert "--overwrite" in err.getvalue()
+    assert "already exists (pass --overwrite" in err.getvalue()  # not "appeared while converting"
     assert (tmp_path / "ob" / "precious.txt").read_text() == "the checkpoint from before"
     assert not glob.glob(str(tmp_path / ".ob.dsv2-*"))
 

@@ -406,6 +406,7 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
     if dtype is not None and dtype not in _HF_NAMES:
         raise CheckpointError(f"--dtype {dtype!r}: expected one of {sorted(_HF_NAMES)}")
     src, dst = os.path.abspath(src), os.path.abspath(dst)
+    _remove_stale_temporaries(dst)  # first: a half-done swap's DST comes back before the check
     _check_destination(src, dst, overwrite)
     source = open_source(src)
     pdt = dtype or source.default_param_dtype()
@@ -448,7 +449,6 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
 
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    _remove_stale_temporaries(dst)
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.dsv2-tmp-{os.getpid()}")
     _remove(tmp)
     t0 = time.perf_counter()
