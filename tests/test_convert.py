@@ -860,7 +860,7 @@ def test_export_back_to_bf16_refuses_values_bf16_cannot_hold(v2_bf16, v2_orbax, 
     from flax import nnx
 
     model = from_pretrained(v2_orbax, dtype="float32")
-    model.norm.weight.value = model.norm.weight.value + 1e-3
+    model.norm.weight[...] = model.norm.weight[...] + 1e-3
     d = tmp_path / "trained"
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(str(d / "params"), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
