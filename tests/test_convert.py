@@ -23,7 +23,7 @@ import torch
 import hf_reference as ref
 from dsv2_jax import from_pretrained
 from dsv2_jax.checkpoint import CheckpointError, convert, fp8, orbax_io
-from dsv2_jax.checkpoint.safetensors_io import SafetensorsDir, write_safetensors
+from dsv2_jax.checkpoint.safetensors_io import DTYPE_NAMES, SafetensorsDir, write_safetensors
 from dsv2_jax.cli import main
 from procenv import cpu_env
 
@@ -32,6 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _cli(*argv) -> int:
     return main(["convert", *map(str, argv)])
+
+
+def _cli_err(*argv) -> tuple[int, str]:
+    """`_cli` with its stderr captured (stdout dropped): (exit code, stderr)."""
+    err = StringIO()
+    with redirect_stderr(err), redirect_stdout(StringIO()):
+        rc = _cli(*argv)
+    return rc, err.getvalue()
 
 
 def _mismatches(a_path, b_path) -> list[str]:
@@ -52,6 +60,21 @@ def _ids(vocab, seed=7, shape=(2, 11)):
 def _no_leftovers(dst) -> bool:
     dst = str(dst)
     return not os.path.lexists(dst) and not glob.glob(os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.dsv2-*"))
+
+
+def _read_tensors(path) -> dict:
+    """Every tensor of the checkpoint directory `path`, by name, as host arrays."""
+    st = SafetensorsDir(str(path))
+    return {n: np.array(st.get(n)) for n in st.keys()}
+
+
+def _write_tensors(path, arrays: dict, **kw) -> None:
+    """{name: array} as the one .safetensors file `path` (replacing it), each tensor stored
+    in its own dtype."""
+    if os.path.exists(path):
+        os.remove(path)
+    write_safetensors(str(path), [(n, DTYPE_NAMES[a.dtype], a.shape) for n, a in arrays.items()],
+                      arrays.__getitem__, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -204,14 +227,9 @@ def test_refuses_a_silent_narrowing(tmp_path):
     conversion without --dtype refuses, naming the tensor."""
     hf = ref.build(ref.LITE, seed=1)
     src = ref.save(hf, str(tmp_path / "hf"), dtype=torch.bfloat16)
-    st = SafetensorsDir(src)
-    names = list(st.keys())
-    arrays = {n: np.array(st.get(n)) for n in names}
+    arrays = _read_tensors(src)
     arrays["model.norm.weight"] = arrays["model.norm.weight"].astype(np.float32) + np.float32(1e-3)
-    os.remove(os.path.join(src, "model.safetensors"))
-    write_safetensors(os.path.join(src, "model.safetensors"),
-                      [(n, "F32" if arrays[n].dtype == np.float32 else "BF16", arrays[n].shape) for n in names],
-                      arrays.__getitem__)
+    _write_tensors(os.path.join(src, "model.safetensors"), arrays)
     err = _expect_refusal(src, tmp_path / "ob", "model.norm.weight")
     assert "--dtype float32" in err
     assert _cli(src, tmp_path / "ob", "--to", "orbax", "--dtype", "float32", "--no-progress") == 0
@@ -389,21 +407,16 @@ def _fp8_checkpoint(root, block=(8, 8)):
         else:
             tensors[n] = _np(t.to(torch.bfloat16))
             dequant[n] = t.to(torch.bfloat16).float()
-    dts = {np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(ml_dtypes.bfloat16): "BF16",
-           np.dtype(np.float32): "F32"}
     path = str(root / "fp8")
     os.makedirs(path)
     c = json.load(open(os.path.join(plain, "config.json")))
     c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                 "weight_block_size": list(block)}
     json.dump(c, open(os.path.join(path, "config.json"), "w"))
-    write_safetensors(os.path.join(path, "model.safetensors"),
-                      [(n, dts[a.dtype], a.shape) for n, a in tensors.items()], tensors.__getitem__)
+    _write_tensors(os.path.join(path, "model.safetensors"), tensors)
     # The dequantised model, loaded by transformers from its own checkpoint.
-    os.remove(os.path.join(plain, "model.safetensors"))
-    write_safetensors(os.path.join(plain, "model.safetensors"),
-                      [(n, "F32", tuple(t.shape)) for n, t in dequant.items()],
-                      lambda n: dequant[n].numpy(), metadata={"format": "pt"})
+    _write_tensors(os.path.join(plain, "model.safetensors"), {n: t.numpy() for n, t in dequant.items()},
+                   metadata={"format": "pt"})
     model = DeepseekV2ForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
     return path, model, dequant
 
@@ -430,12 +443,9 @@ def test_fp8_checkpoint_is_dequantised_when_asked(tmp_path):
 
 def test_fp8_without_scale_is_refused(tmp_path):
     path, _, _ = _fp8_checkpoint(tmp_path)
-    st = SafetensorsDir(path)
-    arrays = {n: np.array(st.get(n)) for n in st.keys() if n != "model.layers.0.mlp.up_proj.weight_scale_inv"}
-    os.remove(os.path.join(path, "model.safetensors"))
-    write_safetensors(os.path.join(path, "model.safetensors"),
-                      [(n, {1: "F8_E4M3", 2: "BF16", 4: "F32"}[a.itemsize], a.shape) for n, a in arrays.items()],
-                      arrays.__getitem__)
+    arrays = _read_tensors(path)
+    del arrays["model.layers.0.mlp.up_proj.weight_scale_inv"]
+    _write_tensors(os.path.join(path, "model.safetensors"), arrays)
     err = _expect_refusal(path, tmp_path / "ob", "model.layers.0.mlp.up_proj.weight", "--dtype", "float32")
     assert "scale" in err
 
@@ -552,10 +562,9 @@ def test_destination_exists_needs_overwrite(lite, tmp_path):
     dst = tmp_path / "ob"
     dst.mkdir()
     (dst / "keep.txt").write_text("x")
-    err = StringIO()
-    with redirect_stderr(err):
-        assert _cli(lite, dst, "--to", "orbax") == 1
-    assert str(dst) in err.getvalue() and "--overwrite" in err.getvalue()
+    rc, err = _cli_err(lite, dst, "--to", "orbax")
+    assert rc == 1
+    assert str(dst) in err and "--overwrite" in err
     assert (dst / "keep.txt").exists()  # untouched
     assert _cli(lite, dst, "--to", "orbax", "--overwrite", "--no-progress") == 0
     assert not (dst / "keep.txt").exists() and orbax_io.is_orbax_checkpoint(str(dst))
@@ -687,10 +696,9 @@ def test_destination_appearing_during_the_conversion_is_not_replaced(lite, tmp_p
         return out
 
     monkeypatch.setattr(convert, "_copy_aux_files", and_then_someone_creates_dst)
-    err = StringIO()
-    with redirect_stderr(err), redirect_stdout(StringIO()):
-        assert _cli(lite, dst, "--to", "orbax") == 1
-    assert "appeared while converting" in err.getvalue()
+    rc, err = _cli_err(lite, dst, "--to", "orbax")
+    assert rc == 1
+    assert "appeared while converting" in err
     assert os.path.isdir(dst / "precious")
     assert not glob.glob(str(tmp_path / ".ob.dsv2-*"))
 
@@ -770,10 +778,9 @@ def test_destination_inside_or_around_the_source_is_refused(lite, tmp_path):
     refused before anything is written, and the source is left as it was."""
     before = sorted(os.listdir(lite))
     _expect_refusal(lite, os.path.join(lite, "ob"), "overlaps the source")
-    err = StringIO()
-    with redirect_stderr(err), redirect_stdout(StringIO()):
-        assert _cli(lite, tmp_path, "--to", "orbax", "--overwrite") == 1
-    assert "overlaps the source" in err.getvalue()
+    rc, err = _cli_err(lite, tmp_path, "--to", "orbax", "--overwrite")
+    assert rc == 1
+    assert "overlaps the source" in err
     assert sorted(os.listdir(lite)) == before and _mismatches(lite, lite) == []
 
 
@@ -793,10 +800,9 @@ def test_sigterm_midway_exits_130_and_leaves_nothing(lite, tmp_path, monkeypatch
 
     monkeypatch.setattr(convert.HFSource, "read", killed)
     before = signal.getsignal(signal.SIGTERM)
-    err = StringIO()
-    with redirect_stderr(err), redirect_stdout(StringIO()):
-        assert _cli(lite, tmp_path / "ob", "--to", "orbax") == 130
-    assert f"interrupted; {tmp_path / 'ob'} not written" in err.getvalue()
+    rc, err = _cli_err(lite, tmp_path / "ob", "--to", "orbax")
+    assert rc == 130
+    assert f"interrupted; {tmp_path / 'ob'} not written" in err
     assert _no_leftovers(tmp_path / "ob") and signal.getsignal(signal.SIGTERM) is before
 
 
@@ -810,10 +816,9 @@ def test_a_swap_that_died_half_way_gives_the_old_checkpoint_back(lite, tmp_path)
     old = tmp_path / f".ob.dsv2-old-{dead}"
     old.mkdir()
     (old / "precious.txt").write_text("the checkpoint from before")
-    err = StringIO()
-    with redirect_stderr(err), redirect_stdout(StringIO()):
-        assert _cli(lite, tmp_path / "ob", "--to", "orbax") == 1
-    assert "already exists (pass --overwrite" in err.getvalue()  # not "appeared while converting"
+    rc, err = _cli_err(lite, tmp_path / "ob", "--to", "orbax")
+    assert rc == 1
+    assert "already exists (pass --overwrite" in err  # not "appeared while converting"
     assert (tmp_path / "ob" / "precious.txt").read_text() == "the checkpoint from before"
     assert not glob.glob(str(tmp_path / ".ob.dsv2-*"))
 
@@ -883,14 +888,9 @@ def test_a_scale_beside_a_weight_that_is_not_fp8_is_refused(lite, tmp_path):
     checkpoint (where scales are expected, and ignoring this one would load its weight
     unscaled) and in a plain one."""
     path, _, _ = _fp8_checkpoint(tmp_path)
-    st = SafetensorsDir(path)
-    arrays = {n: np.array(st.get(n)) for n in st.keys()}
     stray = "model.layers.1.mlp.gate.weight_scale_inv"  # the router stays bf16
-    arrays[stray] = np.ones((1, 6), np.float32)
-    os.remove(os.path.join(path, "model.safetensors"))
-    write_safetensors(os.path.join(path, "model.safetensors"),
-                      [(n, {1: "F8_E4M3", 2: "BF16", 4: "F32"}[a.itemsize], a.shape) for n, a in arrays.items()],
-                      arrays.__getitem__)
+    _write_tensors(os.path.join(path, "model.safetensors"),
+                   {**_read_tensors(path), stray: np.ones((1, 6), np.float32)})
     err = _expect_refusal(path, tmp_path / "ob", f"{stray!r} scales no FP8 tensor", "--dtype", "float32")
     assert "BF16" in err
     _rewrite(lite, add={"model.norm.weight_scale_inv": np.ones((1,), np.float32)})
@@ -900,10 +900,9 @@ def test_a_scale_beside_a_weight_that_is_not_fp8_is_refused(lite, tmp_path):
 def test_destination_that_is_a_file_is_refused_before_converting(lite, tmp_path):
     dst = tmp_path / "ob"
     dst.write_text("not a checkpoint")
-    err = StringIO()
-    with redirect_stderr(err), redirect_stdout(StringIO()):
-        assert _cli(lite, dst, "--to", "orbax") == 1
-    assert "already exists (pass --overwrite" in err.getvalue() and dst.read_text() == "not a checkpoint"
+    rc, err = _cli_err(lite, dst, "--to", "orbax")
+    assert rc == 1
+    assert "already exists (pass --overwrite" in err and dst.read_text() == "not a checkpoint"
 
 
 def test_overwrite_puts_the_old_destination_back_when_the_swap_fails(lite, tmp_path, monkeypatch):
@@ -920,10 +919,9 @@ def test_overwrite_puts_the_old_destination_back_when_the_swap_fails(lite, tmp_p
         return real(a, b)
 
     monkeypatch.setattr(os, "rename", rename)
-    err = StringIO()
-    with redirect_stderr(err), redirect_stdout(StringIO()):
-        assert _cli(lite, dst, "--to", "orbax", "--overwrite") == 1
-    assert "Input/output error" in err.getvalue()
+    rc, err = _cli_err(lite, dst, "--to", "orbax", "--overwrite")
+    assert rc == 1
+    assert "Input/output error" in err
     assert (dst / "keep.txt").read_text() == "old" and sorted(os.listdir(dst)) == ["keep.txt"]
     assert not glob.glob(str(tmp_path / ".ob.dsv2-*"))
 
@@ -1005,9 +1003,7 @@ def test_dominant_dtype_counts_bytes_not_tensors(tmp_path):
     """The parameter dtype a checkpoint defaults to is the dtype most of its bytes have: one
     large float32 tensor outweighs three small bf16 ones."""
     arrays = {"big": np.zeros((64, 16), np.float32), **{f"s{i}": np.zeros(8, ml_dtypes.bfloat16) for i in range(3)}}
-    write_safetensors(str(tmp_path / "model.safetensors"),
-                      [(n, "F32" if a.dtype == np.float32 else "BF16", a.shape) for n, a in arrays.items()],
-                      arrays.__getitem__)
+    _write_tensors(tmp_path / "model.safetensors", arrays)
     assert SafetensorsDir(str(tmp_path)).dominant_dtype() == "F32"
 
 
@@ -1072,13 +1068,10 @@ def test_fp8_refusals_name_the_scale_or_the_weight(tmp_path):
     FP8 tensor that is not a 2-D weight is refused as unsupported, both before anything is
     written; an e5m2 weight with its scale dequantises like an e4m3 one."""
     path, _, _ = _fp8_checkpoint(tmp_path)
-    st = SafetensorsDir(path)
-    arrays = {n: np.array(st.get(n)) for n in st.keys()}
+    arrays = _read_tensors(path)
 
     def write(arrays):
-        os.remove(os.path.join(path, "model.safetensors"))
-        write_safetensors(os.path.join(path, "model.safetensors"),
-                          [(n, convert._dtname(a.dtype), a.shape) for n, a in arrays.items()], arrays.__getitem__)
+        _write_tensors(os.path.join(path, "model.safetensors"), arrays)
 
     scale = "model.layers.0.mlp.up_proj.weight_scale_inv"
     write({**arrays, scale: arrays[scale][:, :-1]})
