@@ -25,8 +25,8 @@ def saved(tmp_path_factory):
     return single, sharded
 
 
-def _copy(src, tmp_path):
-    dst = str(tmp_path / "edited")
+def _copy(src, tmp_path, name="edited"):
+    dst = str(tmp_path / name)
     shutil.copytree(src, dst)
     return dst
 
@@ -111,8 +111,7 @@ def test_config_that_disagrees_with_the_tensors(saved, tmp_path):
         ({"kv_lora_rank": 24}, r"tensor 'model\.layers\.0\.self_attn\.kv_a_layernorm\.weight' has shape \(20,\), "
                                r"config expects \(24,\)"),
     ]:
-        path = str(tmp_path / f"cfg{len(os.listdir(tmp_path))}")
-        shutil.copytree(saved[0], path)
+        path = _copy(saved[0], tmp_path, f"cfg{len(os.listdir(tmp_path))}")
         p = os.path.join(path, "config.json")
         with open(p) as f:
             c = json.load(f)
@@ -128,8 +127,7 @@ def test_sharded_missing_tensor(saved, tmp_path):
     only: the index names a tensor the shard lacks. Both messages name it."""
     name = "model.layers.1.mlp.gate.weight"
     for also_index in (True, False):
-        path = str(tmp_path / f"sharded_{also_index}")
-        shutil.copytree(saved[1], path)
+        path = _copy(saved[1], tmp_path, f"sharded_{also_index}")
         index_path = os.path.join(path, "model.safetensors.index.json")
         with open(index_path) as f:
             index = json.load(f)
@@ -167,8 +165,7 @@ def test_fp8_scales_and_unscaled_fp8_weights_are_refused(saved, tmp_path):
     msg = _load_error(path)
     assert "unexpected tensor" in msg and repr(name + "_scale_inv") in msg, msg
     for dt in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
-        path = str(tmp_path / f"unscaled_{np.dtype(dt).name}")
-        shutil.copytree(saved[0], path)
+        path = _copy(saved[0], tmp_path, f"unscaled_{np.dtype(dt).name}")
         _rewrite(os.path.join(path, "model.safetensors"), lambda t: {**t, name: t[name].astype(dt)})
         msg = _load_error(path)
         assert repr(name) in msg and "is FP8 (F8_E" in msg, msg

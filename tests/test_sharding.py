@@ -191,15 +191,21 @@ def test_grad_accum_keeps_each_devices_micro_batches_its_own():
     assert "ok" in run_python(_MICRO, 4)
 
 
-def test_chunked_cross_entropy_equals_the_plain_one_and_its_gradient():
-    from dsv2_jax.train.loss import chunked_cross_entropy, cross_entropy
-
-    rng = np.random.default_rng(0)
-    B, T, D, V = 3, 37, 16, 101
+def _loss_inputs(seed, B, T, D, V, dropped):
+    """Hidden states h [B, T, D], output weights w [D, V], targets [B, T] and a mask [B, T]
+    leaving out about a `dropped` fraction of the positions, for the loss tests."""
+    rng = np.random.default_rng(seed)
     h = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((D, V)) * 0.3, jnp.float32)
     tgt = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
-    mask = jnp.asarray(rng.random((B, T)) > 0.2, jnp.int32)
+    mask = jnp.asarray(rng.random((B, T)) > dropped, jnp.int32)
+    return h, w, tgt, mask
+
+
+def test_chunked_cross_entropy_equals_the_plain_one_and_its_gradient():
+    from dsv2_jax.train.loss import chunked_cross_entropy, cross_entropy
+
+    h, w, tgt, mask = _loss_inputs(0, B=3, T=37, D=16, V=101, dropped=0.2)
 
     def plain(h, w):
         return cross_entropy(jnp.einsum("btd,dv->btv", h, w), tgt, mask)[0]
@@ -220,12 +226,7 @@ def test_chunked_cross_entropy_gradient_follows_the_cotangent():
     pass a gradient test of the sum alone and train with a gradient `count` times too large."""
     from dsv2_jax.train.loss import chunked_cross_entropy, cross_entropy
 
-    rng = np.random.default_rng()
-    B, T, D, V = 2, 23, 8, 29
-    h = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((D, V)) * 0.3, jnp.float32)
-    tgt = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
-    mask = jnp.asarray(rng.random((B, T)) > 0.3, jnp.int32)
+    h, w, tgt, mask = _loss_inputs(None, B=2, T=23, D=8, V=29, dropped=0.3)
 
     def mean(loss):
         total, count = loss
@@ -245,12 +246,7 @@ def test_chunked_cross_entropy_gradient_in_bf16_has_the_operands_dtype():
     (float32 accumulation), within bf16 rounding of the float32 gradient."""
     from dsv2_jax.train.loss import chunked_cross_entropy
 
-    rng = np.random.default_rng(1)
-    B, T, D, V = 2, 19, 24, 77
-    h = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((D, V)) * 0.3, jnp.float32)
-    tgt = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
-    mask = jnp.ones((B, T), jnp.int32)
+    h, w, tgt, mask = _loss_inputs(1, B=2, T=19, D=24, V=77, dropped=-1.0)  # every position counts
     grad = jax.grad(lambda h, w: chunked_cross_entropy(h, w, tgt, mask, 8)[0], argnums=(0, 1))
     g32 = grad(h, w)
     g16 = grad(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
