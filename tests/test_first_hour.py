@@ -409,7 +409,6 @@ def test_info_prints_the_counts_of_the_config(capsys):
     assert human_count(10**6) == "1.00M" and human_count(1000) == "1.00K" and human_count(10**9) == "1.00B"
 
 
-
 def test_a_subcommand_whose_import_breaks_is_not_silently_dropped(tmp_path, monkeypatch):
     """A subcommand module that is absent is left out of `dsv2` (an optional part not
     installed), but one that is there and fails to import a dependency raises, naming the

@@ -363,10 +363,10 @@ def test_table_shows_what_the_mesh_has():
     is none), the traffic block lists only the axes larger than 1, and every part of a term
     from 5 MB up has its line."""
     cfg = load_config("tiny")
-    text = format_plan(make_plan(cfg, "fsdp=8", 8, 256))
+    plan = make_plan(cfg, "fsdp=8", 8, 256)
+    text = format_plan(plan)
     assert "expert dispatch, one MoE layer: none (no expert axis" in text and "rows per destination" not in text
     assert "  fsdp (8)" in text and "data (1)" not in text and "tensor (1)" not in text and "expert (1)" not in text
-    plan = make_plan(cfg, "fsdp=8", 8, 256)
     parts = [(part, b) for d in plan.details.values() for part, b in d.items() if b >= 0.005 * GB]
     assert any(b < 0.05 * GB for _, b in parts)
     for part, b in parts:
