@@ -1,4 +1,4 @@
-"""Tests for the training data pipeline (dsv2_jax/train/data.py): real grain, real Orbax."""
+"""Tests for the training data pipeline (dsv2_jax/train/data/): real grain, real Orbax."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dsv2_jax.train import data
+from dsv2_jax.train.data import corpus, mixer, pipeline
 
 KEYS = set(data.BATCH_KEYS)
 
@@ -183,7 +184,7 @@ def test_training_rows_are_shuffled_when_packed_eval_rows_are_not():
                        "target_bytes": np.zeros(len(t), np.int32)})
 
     def rows(seed):
-        it = iter(data._pack(grain.MapDataset.source(pieces).to_iter_dataset(), 8, bins=4, seed=seed))
+        it = iter(pipeline.pack(grain.MapDataset.source(pieces).to_iter_dataset(), 8, bins=4, seed=seed))
         return [tuple(np.unique(r["inputs"][r["inputs"] > 0] // 1000)) for r in _take(it, 8)]
 
     fill = rows(None)
@@ -222,13 +223,13 @@ def test_stdlib_batches_are_byte_level_and_fast():
 
 
 def test_stdlib_held_out_split_is_disjoint_and_deterministic():
-    corpus = data._Corpus(data.parse_spec("stdlib"), 256, "stdlib")
-    train, held = set(corpus.train_files), set(corpus.eval_files)
+    stdlib = corpus.Corpus(data.parse_spec("stdlib"), 256, "stdlib")
+    train, held = set(stdlib.train_files), set(stdlib.eval_files)
     assert train and held and not train & held
     assert not any("site-packages" in f.split(os.sep) for f in train | held)
     assert 0.005 < len(held) / len(train | held) < 0.05
-    again = data._Corpus(data.parse_spec("stdlib"), 256, "stdlib")
-    assert again.eval_files == corpus.eval_files and again.train_files == corpus.train_files
+    again = corpus.Corpus(data.parse_spec("stdlib"), 256, "stdlib")
+    assert again.eval_files == stdlib.eval_files and again.train_files == stdlib.train_files
     # eval batches come from held-out files only: their bytes occur in a held-out file
     first = next(iter(data.make_eval_iter("stdlib", seq_len=64, batch_size=1, max_batches=1)))
     row = first["inputs"][0][first["segment_ids"][0] == 1].astype(np.uint8).tobytes()
@@ -335,7 +336,7 @@ def test_seed_changes_the_order(tmp_path):
 
 def test_each_epoch_visits_every_file_once_in_a_new_order():
     files = [f"f{i}" for i in range(7)]
-    order = data._EpochOrder(files, seed=2)
+    order = pipeline.EpochOrder(files, seed=2)
     epochs = [[order(e * 7 + p) for p in range(7)] for e in range(4)]
     assert all(sorted(e) == files for e in epochs)
     assert len({tuple(e) for e in epochs}) > 1
@@ -350,9 +351,9 @@ def test_a_files_pieces_come_in_a_new_order_each_epoch(tmp_path):
     np.save(tmp_path / "many.npy", np.concatenate(
         [np.append(i * 1000 + 1 + np.arange(3), 0) for i in range(1, 21)]).astype(np.int32))
     spec = f"npy:{tmp_path}/many.npy,sep=0,holdout=0"
-    corpus = data._Corpus(data.parse_spec(spec), None, spec)
-    load = corpus.loader(held_out=False, seq_len=8, seed=3)
-    path = corpus.train_files[0]
+    many = corpus.Corpus(data.parse_spec(spec), None, spec)
+    load = many.loader(held_out=False, seq_len=8, seed=3)
+    path = many.train_files[0]
     n_files = 3  # as if the file were one of three: it comes back at index i + 3
 
     def order(index):
@@ -478,7 +479,7 @@ def test_token_bytes_sum_to_the_utf8_length():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     text = "  a ü\t日本 zz  "
     enc = tok.encode(text)
-    got = data._token_bytes(text, enc.offsets)
+    got = corpus.token_bytes(text, enc.offsets)
     assert got.sum() == len(text.encode("utf-8"))
     # whitespace dropped by the pre-tokenizer goes to the next token, trailing to the last
     assert got.tolist() == [3, 3, 7, 5]  # "  a", " ü", "\t日本", " zz  "
@@ -745,8 +746,8 @@ def test_text_file_split_errors_come_before_reading(tmp_path):
     for name in ("a.txt", "b.txt", "c.txt"):
         (tmp_path / name).write_text(f"text of {name}, long enough")
     # the keys' hashes: none of a, b, c is held out at 0.02; b and c are at 0.9, a is not
-    assert [data._is_held_out(k, 0.02) for k in ("a.txt", "b.txt", "c.txt")] == [False] * 3
-    assert [data._is_held_out(k, 0.9) for k in ("a.txt", "b.txt", "c.txt")] == [False, True, True]
+    assert [corpus.is_held_out(k, 0.02) for k in ("a.txt", "b.txt", "c.txt")] == [False] * 3
+    assert [corpus.is_held_out(k, 0.9) for k in ("a.txt", "b.txt", "c.txt")] == [False, True, True]
     with pytest.raises(ValueError, match="held-out split is empty"):
         data.make_eval_iter(f"text:{tmp_path}/*.txt,tokenizer=bytes", seq_len=8, batch_size=1)
     (tmp_path / "a.txt").unlink()
@@ -758,20 +759,20 @@ def test_text_file_split_errors_come_before_reading(tmp_path):
 def test_utf8_byte_ends_at_every_encoding_length_boundary():
     text = "a\x7f\x80\u07ff\u0800\uffff\U00010000\U0010ffff"
     want = np.cumsum([0] + [len(c.encode("utf-8")) for c in text])
-    np.testing.assert_array_equal(data._utf8_char_byte_ends(text), want)
+    np.testing.assert_array_equal(corpus.utf8_char_byte_ends(text), want)
 
 
 def test_the_seed_sets_the_file_order_and_the_piece_mix():
     """Both seeded draws depend on the seed: each epoch's file order, and which open file
     gives the next piece."""
     files = [f"f{i}" for i in range(12)]
-    orders = {s: [data._EpochOrder(files, seed=s)(i) for i in range(12)] for s in range(3)}
+    orders = {s: [pipeline.EpochOrder(files, seed=s)(i) for i in range(12)] for s in range(3)}
     assert len({tuple(o) for o in orders.values()}) == 3
     t = lambda i, j: {"inputs": np.array([i * 10 + j, 0], np.int32)}
     per_file = [[t(i, j) for j in range(5)] for i in range(4)]
 
     def mixed(seed):
-        ds = data._PieceMixDataset(grain.MapDataset.source(per_file), cycle=4, seed=seed,
+        ds = mixer.PieceMixDataset(grain.MapDataset.source(per_file), cycle=4, seed=seed,
                                    what="x", epoch=4)
         return [int(p["inputs"][0]) for p in ds]
 
