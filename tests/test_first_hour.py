@@ -117,16 +117,16 @@ def test_the_flags_a_resume_keeps_count_as_given_only_when_given():
     command names it: a flag parsed to its default would count as given and reset the run's
     setting to the default on every resume."""
     from dsv2_jax.cli import build_parser
-    from dsv2_jax.train.loop import _KEPT_ON_RESUME
+    from dsv2_jax.train.run_settings import KEPT_ON_RESUME
 
     a = build_parser().parse_args(["train"])
-    assert {k: getattr(a, k) for k in _KEPT_ON_RESUME} == dict.fromkeys(_KEPT_ON_RESUME)
-    flags = {k: "--" + k.replace("_", "-") for k in _KEPT_ON_RESUME}
+    assert {k: getattr(a, k) for k in KEPT_ON_RESUME} == dict.fromkeys(KEPT_ON_RESUME)
+    flags = {k: "--" + k.replace("_", "-") for k in KEPT_ON_RESUME}
     values = dict(data="stdlib", seq_len="256", batch_size="8", seed="0", steps="300", lr="0.003",
                   warmup_steps="0", schedule="cosine", clip="1.0", weight_decay="0.1", mesh="data=1",
                   grad_accum="1")
-    a = build_parser().parse_args(["train", *[x for k in _KEPT_ON_RESUME for x in (flags[k], values[k])]])
-    assert all(getattr(a, k) is not None for k in _KEPT_ON_RESUME)
+    a = build_parser().parse_args(["train", *[x for k in KEPT_ON_RESUME for x in (flags[k], values[k])]])
+    assert all(getattr(a, k) is not None for k in KEPT_ON_RESUME)
 
 
 def test_optimizer_flags_and_init_from_with_config_are_refused(tmp_path, capsys):

@@ -572,13 +572,13 @@ def test_bad_profile_steps_are_refused(tmp_path):
 def test_profile_steps_are_one_based_and_start_after_the_resumed_step():
     """--profile-steps A:B (or A alone: that one step) names training steps, the first being
     1: step 0 is refused like a reversed range; a resume past A traces from its first step."""
-    from dsv2_jax.train.loop import _parse_profile_steps
+    from dsv2_jax.train.run_settings import parse_profile_steps
 
-    assert _parse_profile_steps(None, 0) is None and _parse_profile_steps("3", 0) == (3, 3)
-    assert _parse_profile_steps("2:5", 0) == (2, 5) and _parse_profile_steps("2:5", 3) == (4, 5)
+    assert parse_profile_steps(None, 0) is None and parse_profile_steps("3", 0) == (3, 3)
+    assert parse_profile_steps("2:5", 0) == (2, 5) and parse_profile_steps("2:5", 3) == (4, 5)
     for bad in ("0:2", "0", "3:2", "a:b", "-1:2"):
         with pytest.raises(TrainingError, match="--profile-steps"):
-            _parse_profile_steps(bad, 0)
+            parse_profile_steps(bad, 0)
 
 
 def test_tensorboard_writer_loads_without_importing_torch(tmp_path):

@@ -113,12 +113,13 @@ def test_loading_a_workdir_for_use_stops_at_a_failure_that_is_not_damage(tmp_pat
 
     from dsv2_jax.checkpoint.hf import abstract_model
     from dsv2_jax.sharding.mesh import make_mesh, replicated
-    from dsv2_jax.train.loop import _initial_state, _resolve_config
+    from dsv2_jax.train.loop import _initial_state
+    from dsv2_jax.train.run_settings import resolve_config
     from dsv2_jax.train.optim import make_optimizer
     from dsv2_jax.train.step import params_of
 
     args = TrainArgs(workdir=other, init_from=wd, master_dtype="bfloat16", set=SMALL["set"])
-    cfg, mesh, tx = _resolve_config(args, False), make_mesh(None), make_optimizer(lambda s: 1e-3)
+    cfg, mesh, tx = resolve_config(args, False), make_mesh(None), make_optimizer(lambda s: 1e-3)
     state = _initial_state(cfg, args, tx, params_of(abstract_model(cfg)), mesh, replicated(mesh))
     assert {str(a.dtype) for a in jax.tree.leaves(state["params"])} >= {"bfloat16"}
     assert not [f for f in os.listdir(wd) if ".tmp" in f]  # run.json: replaced whole, no temp file left
@@ -170,7 +171,7 @@ def test_a_resume_takes_each_left_out_setting_from_the_run_as_its_history_left_i
     run: the first run's value, updated by each recorded change in order (the latest last);
     the ones the command gives stay its own. (A workdir with a checkpoint step and a run.json;
     nothing is trained.)"""
-    from dsv2_jax.train.loop import _KEPT_ON_RESUME, _keep_run_settings
+    from dsv2_jax.train.run_settings import KEPT_ON_RESUME, keep_run_settings
 
     wd = tmp_path / "run"
     os.makedirs(wd / "checkpoints" / "30")
@@ -185,11 +186,11 @@ def test_a_resume_takes_each_left_out_setting_from_the_run_as_its_history_left_i
                                                    "clip": {"old": 0.25, "new": 0.5}}}])
     (wd / "run.json").write_text(json.dumps(first))
     logs = []
-    args = _keep_run_settings(TrainArgs(workdir=str(wd), steps=300, weight_decay=0.2,
+    args = keep_run_settings(TrainArgs(workdir=str(wd), steps=300, weight_decay=0.2,
                                         given=frozenset({"workdir", "steps", "weight_decay"})), logs.append)
     want = dict(data="npy:tokens.npy", seq_len=48, batch_size=6, seed=7, steps=300, lr=5e-4,
                 warmup_steps=10, schedule="step", clip=0.5, weight_decay=0.2, mesh="fsdp=1", grad_accum=3)
-    assert set(want) == set(_KEPT_ON_RESUME)
+    assert set(want) == set(KEPT_ON_RESUME)
     assert {k: getattr(args, k) for k in want} == want
     assert len(logs) == 1 and logs[0].startswith("resuming with the run's ") and "--grad-accum 3" in logs[0]
 
@@ -222,31 +223,31 @@ def test_a_resume_naming_a_model_setting_checks_it_against_the_workdir(tmp_path)
     setting (--config, --set, --master-dtype) is checked against W's config and refused when
     it would change the parameters, instead of being dropped for the workdir's config."""
     from dsv2_jax import load_config
-    from dsv2_jax.train.loop import _resolve_config
+    from dsv2_jax.train.run_settings import resolve_config
 
     saved = load_config("tiny", num_hidden_layers=2)
     wd = _workdir_of(tmp_path, saved)
     plain = frozenset({"workdir", "steps"})
-    assert _resolve_config(TrainArgs(workdir=wd, config="v2-lite", given=plain), True) == saved
+    assert resolve_config(TrainArgs(workdir=wd, config="v2-lite", given=plain), True) == saved
     for extra, kw, msg in (({"master_dtype"}, dict(master_dtype="bfloat16"), "param_dtype"),
                            ({"config"}, dict(config="tiny"), "num_hidden_layers: 2 there, 4 now"),
                            ({"set"}, dict(set=["hidden_size=64"]), "hidden_size: 128 there, 64 now")):
         with pytest.raises(TrainingError, match=f"holds a run of a different config.*{msg}"):
-            _resolve_config(TrainArgs(workdir=wd, given=plain | extra, **kw), True)
+            resolve_config(TrainArgs(workdir=wd, given=plain | extra, **kw), True)
 
 
 def test_every_runtime_field_may_change_on_resume(tmp_path):
     """Each config field that shapes neither the parameters nor the optimizer state may
     change on resume: said, not refused."""
     from dsv2_jax import load_config
-    from dsv2_jax.train.loop import _RESUMABLE_FIELDS, _resolve_config
+    from dsv2_jax.train.run_settings import RESUMABLE_FIELDS, resolve_config
 
     wd = _workdir_of(tmp_path, load_config("tiny"))
     new = dict(remat="full", ce_chunk=8, scan_unroll=2, attn_impl="reference",
                moe_backend="blocked", moe_dispatch="fixed")
-    assert set(new) == set(_RESUMABLE_FIELDS)
+    assert set(new) == set(RESUMABLE_FIELDS)
     logs = []
-    cfg = _resolve_config(TrainArgs(workdir=wd, set=[f"{k}={json.dumps(v)}" for k, v in new.items()]),
+    cfg = resolve_config(TrainArgs(workdir=wd, set=[f"{k}={json.dumps(v)}" for k, v in new.items()]),
                           True, log=logs.append)
     assert {k: getattr(cfg, k) for k in new} == new
     assert len(logs) == 1 and all(f"{k} " in logs[0] for k in new), logs
@@ -258,10 +259,10 @@ def test_master_weights_are_float32_unless_asked_and_init_from_computes_in_float
     otherwise. --init-from a converted checkpoint trains in float32 compute (its dtype is the
     one it is served in); --init-from another training workdir keeps that run's choice."""
     from dsv2_jax import load_config
-    from dsv2_jax.train.loop import _resolve_config
+    from dsv2_jax.train.run_settings import resolve_config
 
     def resolve(**kw):
-        return _resolve_config(TrainArgs(workdir=str(tmp_path / "new"), **kw), False)
+        return resolve_config(TrainArgs(workdir=str(tmp_path / "new"), **kw), False)
 
     lite = resolve(config="v2-lite")
     assert (lite.param_dtype, lite.dtype) == ("float32", "bfloat16")
@@ -283,7 +284,7 @@ def test_a_damaged_config_json_of_a_resume_is_refused_in_one_line(tmp_path):
     when it does not parse or holds a bad value, the run is refused naming why (a
     TrainingError, one line at the command line), not with a traceback."""
     from dsv2_jax import load_config
-    from dsv2_jax.train.loop import _resolve_config
+    from dsv2_jax.train.run_settings import resolve_config
 
     wd = _workdir_of(tmp_path, load_config("tiny"))
     config = os.path.join(wd, "config.json")
@@ -292,7 +293,7 @@ def test_a_damaged_config_json_of_a_resume_is_refused_in_one_line(tmp_path):
             f.write(text)
         for given in (frozenset({"workdir", "steps"}), None):  # the command line, the Python API
             with pytest.raises(TrainingError, match=msg):
-                _resolve_config(TrainArgs(workdir=wd, given=given), True)
+                resolve_config(TrainArgs(workdir=wd, given=given), True)
 
 
 def test_what_a_resume_reads_may_be_damaged_without_a_traceback(tmp_path, capsys):
