@@ -917,12 +917,16 @@ def test_rows_that_all_stop_end_the_loop_and_everything_after_is_pad_id(hf_model
     ids = prompts(12, (B, T))
     free = dsv2_jax.generate(model, ids, NEW, prompt_lengths=lengths)
     new = [free[b, n:n + NEW] for b, n in enumerate(lengths)]
-    eos = sorted({int(new[0][1]), int(new[1][2])})  # row 0 stops by its 2nd token, row 1 by its 3rd
+    # Row 0 stops at its first token, row 1 two or more steps later: the stopped row's pad
+    # must keep it stopped meanwhile.
+    a = int(new[0][0])
+    k = next(k for k in range(2, NEW - 1) if a not in new[1][:k + 1] and new[1][k] not in new[1][:k])
+    eos = sorted({a, int(new[1][k])})
     pad = next(t for t in range(1, 97) if t not in eos)
     out = dsv2_jax.generate(model, ids, NEW, prompt_lengths=lengths, eos_id=eos, pad_id=pad)
     ends = [n + int(np.flatnonzero(np.isin(r, eos))[0]) + 1 for n, r in zip(lengths, new)]
     steps = max(e - n for e, n in zip(ends, lengths))
-    assert steps <= 3 and out.shape == (B, T + steps)
+    assert ends[0] - lengths[0] == 1 and steps == k + 1 < NEW and out.shape == (B, T + steps)
     for b, end in enumerate(ends):
         np.testing.assert_array_equal(out[b, :end], free[b, :end])
         assert (out[b, end:] == pad).all(), (b, out[b])

@@ -338,24 +338,31 @@ def test_rmsnorm_computes_in_float32_whatever_the_input_dtype(dtype):
 
 
 @pytest.mark.parametrize("extra", [
-    {"rope_theta": 10.0},  # the slow end past the last rotary dimension: clamped to dim - 1
+    {"rope_theta": 10.0, "beta_fast": 1000},  # ramp from 0 to past the last dimension: clamped to dim - 1
     {"original_max_position_embeddings": 16},  # the fast end below dimension 0: clamped to 0
-    {"beta_fast": 4, "beta_slow": 4, "truncate": False},  # both ends one point: a step, not 0 / 0
-], ids=["high-clamped", "low-clamped", "ends-equal"])
+    {"beta_fast": 2, "beta_slow": 20},  # both ends rounded to dimension 2: moved apart, not 0 / 0
+    {"beta_fast": None, "beta_slow": None, "truncate": False},  # absent: 32 and 1
+    {"mscale": None},  # no mscale: the cos/sin factor is mscale(factor, 1)
+    {"mscale": None, "mscale_all_dim": None},
+], ids=["high-clamped", "low-clamped", "ends-meet", "default-betas", "no-mscale", "no-mscales"])
 def test_yarn_frequencies_match_transformers_where_the_ramp_is_clamped(extra):
-    """The ramp's ends are clamped to the rotary dimensions [0, dim - 1], and ends that meet
-    are moved apart by 0.001, as transformers does; rope dim 8, factor 4."""
+    """The ramp's ends are clamped to the rotary dimensions [0, dim - 1], ends that meet are
+    moved apart by 0.001, absent settings take their defaults, as transformers does; rope
+    dim 8, factor 4."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from dsv2_jax.rope import inv_freq
+    from dsv2_jax.rope import attention_factor, inv_freq
 
-    rope = {**ref.YARN, "original_max_position_embeddings": 4096, **extra}
+    rope = {k: v for k, v in {**ref.YARN, "original_max_position_embeddings": 4096, **extra}.items()
+            if v is not None}
     kw = dict(ref.V2, max_position_embeddings=4 * rope["original_max_position_embeddings"],
               rope_parameters=rope)
-    want, _ = ROPE_INIT_FUNCTIONS["yarn"](ref.hf_config(**kw), "cpu")
-    got = inv_freq(_ours_cfg(kw))
+    want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](ref.hf_config(**kw), "cpu")
+    cfg = _ours_cfg(kw)
+    got = inv_freq(cfg)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-7, atol=0)
+    assert attention_factor(cfg) == pytest.approx(want_factor, rel=1e-12)
 
 
 def test_rmsnorm_adds_eps_inside_the_root():
