@@ -56,7 +56,32 @@ def main(hf_dir, orbax_dir):
             else:
                 print(f"{spec} orbax: rel err {err:.2e}")
     hf_mod._hf_block = real_block
+    check_eval(hf_dir)
     print("all ok")
+
+
+def check_eval(hf_dir):
+    """`dsv2 eval --mesh`: loaded sharded, each batch split over the data-carrying axes (here
+    fsdp x expert = 4 of the 8 devices; tensor carries none), the one-device figures. The
+    batch size must divide over those 4, not over all 8 devices."""
+    import tempfile
+
+    import pytest
+
+    from dsv2_jax.train.evaluate import evaluate
+
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(8):  # one 32-token document per row: 31 targets each
+            np.save(f"{d}/{i}.npy", np.arange(i, i + 32, dtype=np.int32) % 96)
+        spec = f"npy:{d}/*.npy,eval={d}/*.npy"
+        kw = dict(batch_size=4, seq_len=32, max_batches=2, progress=False)
+        want = evaluate(hf_dir, spec, **kw)
+        got = evaluate(hf_dir, spec, mesh="fsdp=2,expert=2,tensor=2", **kw)
+        with pytest.raises(ValueError, match="--batch-size 2 is not divisible by the 4 data-parallel"):
+            evaluate(hf_dir, spec, mesh="fsdp=2,expert=2,tensor=2", **dict(kw, batch_size=2))
+    assert want["tokens"] == got["tokens"] == 8 * 31, (want, got)
+    assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (want, got)
+    print(f"eval under fsdp=2,expert=2,tensor=2: loss {got['loss']:.6f} vs {want['loss']:.6f}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from dsv2_jax import benchmark as B
@@ -175,7 +176,7 @@ class _FixedSide:
         self.base, self.per_token, self.prepared = base, per_token, []
 
     def prepare(self, key, case, warm=((),), **kw):
-        self.prepared.append((key, case, kw))
+        self.prepared.append((key, case, warm, kw))
         return 7.0  # MB
 
     def time(self, key, *args):
@@ -240,3 +241,71 @@ def test_train_flops_per_token_counts_the_active_weights_and_causal_attention():
     cfg = load_config("tiny")
     assert count_params(cfg)[1] == 610_816
     assert train_flops_per_token(cfg, 64) == 6 * 610_816 + 3 * 4 * 64 * 4 * (48 + 32)
+
+
+def test_bench_decode_warms_ours_with_both_timed_lengths():
+    """Our decode is compiled per (prompt, cache) bucket: the warm-up must call it with the
+    one-token and the (new + 1)-token lengths that `decode_seconds` then times, or the first
+    round's long call would include a compile. Transformers compiles nothing: one call."""
+    cfg = B.bench_config(quick=True)
+    sides = types.SimpleNamespace(ours=_FixedSide(1.0, 0.01), theirs=_FixedSide(1.0, 0.04))
+    B.bench_decode(sides, cfg, 2, 64, 8, rounds=1)
+    assert sides.ours.prepared == [("decode_2x64", "decode", ((1,), (9,)), {"B": 2, "T": 64})]
+    assert sides.theirs.prepared == [("decode_2x64", "decode", ((1,),), {"B": 2, "T": 64})]
+
+
+def test_a_side_warms_with_each_argument_tuple_and_times_the_call_it_is_given(monkeypatch):
+    """Side.prepare calls the case's work once per tuple of `warm`; Side.time times one call
+    with the arguments it is given (decode's token count), and drop forgets the work."""
+    from dsv2_jax import bench_sides
+
+    calls = []
+    monkeypatch.setitem(bench_sides.CASES, "test-side", {"case": lambda model, cfg, **kw: (
+        lambda *a: calls.append((model, kw, a)))})
+    side = bench_sides.Side.__new__(bench_sides.Side)
+    side.side, side.cfg, side.model, side.work = "test-side", None, "m", {}
+    assert side.prepare("k", "case", warm=((1,), (9,)), B=2) >= 0
+    assert calls == [("m", {"B": 2}, (1,)), ("m", {"B": 2}, (9,))]
+    assert side.time("k", 65) >= 0 and calls[-1] == ("m", {"B": 2}, (65,))
+    side.drop("k")
+    assert side.work == {}
+
+
+def test_both_sides_get_the_same_tokens_and_shapes(monkeypatch):
+    """Each row's two cases see the same token ids: train on B x T inputs (transformers
+    shifts its labels inside, so it takes the T inputs, not T + 1), prefill on the seed-1
+    batch, decode the same prompts for exactly n new tokens (no stop)."""
+    import torch
+    from flax import nnx
+
+    from dsv2_jax import bench_sides, compile_options, generation
+
+    cfg = B.bench_config(quick=True).replace(num_hidden_layers=1)
+    seen = {}
+
+    class HF(torch.nn.Linear):  # parameters for the optimizer; records what it is given
+        def __init__(self):
+            super().__init__(1, 1)
+
+        def forward(self, ids):
+            seen["theirs_prefill"] = ids.numpy()
+
+        def generate(self, ids, **kw):
+            seen["theirs_decode"] = (ids.numpy(), kw)
+
+    monkeypatch.setattr(B, "hf_train_steps", lambda hf, opt, tids, n: seen.setdefault("theirs_train", tids.numpy()))
+    monkeypatch.setattr(compile_options, "jit_forward", lambda f: lambda st, x: seen.setdefault("ours_prefill", np.asarray(x)))
+    monkeypatch.setattr(generation, "generate", lambda model, ids, n: seen.setdefault("ours_decode", (ids, n)))
+    hf, model = HF(), nnx.Linear(1, 1, rngs=nnx.Rngs(0))  # the cases only split ours here
+    bench_sides._theirs_train(hf, cfg, 2, 8, 1)()
+    bench_sides._theirs_prefill(hf, cfg, 2, 8)()
+    bench_sides._ours_prefill(model, cfg, 2, 8)()
+    bench_sides._theirs_decode(hf, cfg, 2, 8)(5)
+    bench_sides._ours_decode(model, cfg, 2, 8)(5)
+    np.testing.assert_array_equal(seen["theirs_train"], B._batch(cfg, 2, 8)[1]["inputs"])
+    np.testing.assert_array_equal(seen["theirs_prefill"], seen["ours_prefill"])
+    np.testing.assert_array_equal(seen["ours_prefill"], B._batch(cfg, 2, 8, seed=1)[1]["inputs"])
+    ids, kw = seen["theirs_decode"]
+    np.testing.assert_array_equal(ids, seen["ours_decode"][0])
+    assert ids.shape == (2, 8) and seen["ours_decode"][1] == 5
+    assert kw["max_new_tokens"] == kw["min_new_tokens"] == 5 and kw["do_sample"] is False

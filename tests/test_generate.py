@@ -615,6 +615,14 @@ def test_cache_size_formula():
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(top_k=-1), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(prompt_lengths=[4, 3]), "exceeds the prompt width 3"),
+    (dict(prompt_lengths=[3]), "prompt_lengths must be 2 integers"),
+    (dict(prompt_ids=np.full((2, 3), -1)), "outside the vocabulary"),
+    (dict(eos_id=-1), "eos_id -1 is outside"),
 ])
 def test_bad_arguments_raise_value_error(hf_models, kw, msg):
     _, model = hf_models["lite"]
@@ -867,3 +875,131 @@ def test_cli_tokenizer_flag_and_ids_past_a_lost_tokenizer(hf_models, tmp_path, c
     json.dump(dict(cfg, eos_token_id=500), open(os.path.join(path, "config.json"), "w"))
     assert cli_main(["generate", "--model", path, "--ids", "5,17,3", "--max-new-tokens", "4"]) == 0
     assert [int(t) for t in capsys.readouterr().out.split()] == want.tolist()
+
+
+def _kept(monkeypatch, logits, temperature, top_k, top_p):
+    """Which tokens `sample_logits` leaves drawable (a finite logit) for each row: the draw
+    itself is replaced by a recorder, so even a token of probability 1e-8 shows."""
+    seen = []
+
+    def record(key, filtered, axis=-1):
+        seen.append(np.asarray(filtered))
+        return jnp.zeros(filtered.shape[:-1], jnp.int32)
+
+    monkeypatch.setattr(jax.random, "categorical", record)
+    sample_logits(jnp.asarray(logits, jnp.float32), jax.random.key(0), temperature, top_k, top_p,
+                  greedy=False)
+    (got,) = seen
+    return np.isfinite(got)
+
+
+def test_top_p_one_keeps_the_whole_top_k_and_top_p_is_of_the_top_k_survivors(monkeypatch):
+    """top_p = 1 filters nothing, even where float32 rounding makes the mass before a tail
+    token 1.0 (here 1 - 2e-8): top-k alone decides. top_p after top_k is taken of the
+    renormalised top-k distribution, as HF applies its warpers in turn: [0.4, 0.35, 0.25]
+    cut to the top 2 is [0.53, 0.47], so top_p = 0.5 keeps one token (of the untruncated
+    distribution it keeps two)."""
+    tail = [[0.0, 0.0, -17.0, -17.0]]
+    assert _kept(monkeypatch, tail, 1.0, 4, 1.0).tolist() == [[True] * 4]
+    assert _kept(monkeypatch, tail, 1.0, 2, 1.0).tolist() == [[True, True, False, False]]
+    three = np.log([[0.4, 0.35, 0.25]])
+    assert _kept(monkeypatch, three, 1.0, 2, 0.5).tolist() == [[True, False, False]]
+    assert _kept(monkeypatch, three, 1.0, 0, 0.5).tolist() == [[True, True, False]]
+
+
+def test_rows_that_all_stop_end_the_loop_and_everything_after_is_pad_id(hf_models):
+    """Once every row has emitted a stop id the loop ends and the output is trimmed to the
+    last row's stop (not run on to max_new_tokens); after a row's stop, and past a short
+    row's end, every position is pad_id, also an explicit pad_id that is no stop id (a
+    stopped row stays stopped though the pad it emits stops nothing)."""
+    _, model = hf_models["v2"]
+    lengths = np.array([5, 2])  # the shapes of test_mixed_prompt_lengths_equal_hf_row_by_row
+    ids = prompts(12, (B, T))
+    free = dsv2_jax.generate(model, ids, NEW, prompt_lengths=lengths)
+    new = [free[b, n:n + NEW] for b, n in enumerate(lengths)]
+    # Row 0 stops at its first token, row 1 two or more steps later: the stopped row's pad
+    # must keep it stopped meanwhile.
+    a = int(new[0][0])
+    k = next(k for k in range(2, NEW - 1) if a not in new[1][:k + 1] and new[1][k] not in new[1][:k])
+    eos = sorted({a, int(new[1][k])})
+    pad = next(t for t in range(1, 97) if t not in eos)
+    out = dsv2_jax.generate(model, ids, NEW, prompt_lengths=lengths, eos_id=eos, pad_id=pad)
+    ends = [n + int(np.flatnonzero(np.isin(r, eos))[0]) + 1 for n, r in zip(lengths, new)]
+    steps = max(e - n for e, n in zip(ends, lengths))
+    assert ends[0] - lengths[0] == 1 and steps == k + 1 < NEW and out.shape == (B, T + steps)
+    for b, end in enumerate(ends):
+        np.testing.assert_array_equal(out[b, :end], free[b, :end])
+        assert (out[b, end:] == pad).all(), (b, out[b])
+
+
+def test_the_arguments_the_compiled_loop_gets(hf_models, monkeypatch):
+    """What `generate` hands its compiled loop (recorded instead of run): pad_id defaults to
+    the first stop id, else the config's pad_token_id, else 0; any int seed is taken modulo
+    2**32 (a negative one too, as `dsv2 generate --seed -1` passes it)."""
+    import dsv2_jax.generation as generation
+
+    _, model = hf_models["lite"]
+    calls = []
+
+    def record(*args, max_len, **kw):
+        calls.append(dict(zip(("seed", "eos", "pad"), (int(a) if a.ndim == 0 else a.tolist()
+                                                       for a in args[8:11]))))
+        return np.zeros((1, max_len), np.int32), 1
+
+    monkeypatch.setattr(generation, "_generate_jit", record)
+    ids = np.ones((1, 3), np.int32)
+    dsv2_jax.generate(model, ids, 2, temperature=1.0, seed=-1)
+    dsv2_jax.generate(model, ids, 2, eos_id=[7, 8])
+    monkeypatch.setattr(model, "cfg", model.cfg.replace(pad_token_id=5))
+    dsv2_jax.generate(model, ids, 2, seed=2**32 + 3)
+    dsv2_jax.generate(model, ids, 2, eos_id=9)
+    assert [c["seed"] for c in calls] == [2**32 - 1, 0, 3, 0]
+    assert [c["pad"] for c in calls] == [0, 7, 5, 9]
+    assert calls[1]["eos"] == [7, 8] + [-1] * 6
+
+
+def test_prompt_plus_new_tokens_may_fill_the_positions_exactly():
+    """The last new token is never fed back, so a prompt of T and n new tokens use positions
+    up to T + n - 2: T + n == max_position_embeddings is accepted, one more refused."""
+    from dsv2_jax.generation import check_inputs
+
+    cfg = dsv2_jax.load_config("tiny")
+    ids, lengths, n = np.ones((1, 3), np.int32), np.array([3]), cfg.max_position_embeddings - 3
+    check_inputs(cfg, ids, lengths, n, 0.0, 0, 1.0, None)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        check_inputs(cfg, ids, lengths, n + 1, 0.0, 0, 1.0, None)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--ids", "1", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 1"),
+    (["--ids", "1", "--top-k", "-1"], "--top-k must be >= 0"),
+    (["--ids", "1", "--temperature", "nan"], "--temperature must be >= 0"),
+    (["--ids", ""], "empty prompt"),
+])
+def test_cli_refuses_bad_flags_before_loading_the_model(tmp_path, capsys, args, msg):
+    """Flags are checked before the (slow) model load: the directory named here does not
+    exist, so any other message means the flag was not checked first."""
+    rc = cli_main(["generate", "--model", str(tmp_path / "no-such-model"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and msg in err[0], err
+
+
+def test_cli_hands_every_flag_to_generate(hf_models, tmp_path, capsys, monkeypatch):
+    """--temperature, --top-k, --top-p, --seed, --eos-id, --cache-dtype and --max-new-tokens
+    reach `generate` as given (recorded instead of run)."""
+    import dsv2_jax.generation as generation
+
+    hf, _ = hf_models["lite"]
+    path = ref.save(hf, str(tmp_path / "hf"))
+    calls = []
+    monkeypatch.setattr(generation, "generate", lambda model, ids, n, **kw: calls.append((ids, n, kw)))
+    kind = "int8" if "int8" in CACHE_KINDS else CACHE_KINDS[0]
+    assert cli_main(["generate", "--model", path, "--ids", "5,17", "--max-new-tokens", "3",
+                     "--temperature", "0.7", "--top-k", "4", "--top-p", "0.9", "--seed", "-2",
+                     "--eos-id", "4,6", "--cache-dtype", kind]) == 0
+    ((ids, n, kw),) = calls
+    assert ids == [[5, 17]] and n == 3
+    assert {k: kw[k] for k in ("temperature", "top_k", "top_p", "seed", "eos_id", "cache_dtype")} == dict(
+        temperature=0.7, top_k=4, top_p=0.9, seed=-2, eos_id=[4, 6], cache_dtype=kind)
+    assert capsys.readouterr().out.split() == ["5", "17"]

@@ -335,3 +335,41 @@ def test_rmsnorm_computes_in_float32_whatever_the_input_dtype(dtype):
     got = np.asarray(got.astype(jnp.float32))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("extra", [
+    {"rope_theta": 10.0, "beta_fast": 1000},  # ramp from 0 to past the last dimension: clamped to dim - 1
+    {"original_max_position_embeddings": 16},  # the fast end below dimension 0: clamped to 0
+    {"beta_fast": 2, "beta_slow": 20},  # both ends rounded to dimension 2: moved apart, not 0 / 0
+    {"beta_fast": None, "beta_slow": None, "truncate": False},  # absent: 32 and 1
+    {"mscale": None},  # no mscale: the cos/sin factor is mscale(factor, 1)
+    {"mscale": None, "mscale_all_dim": None},
+], ids=["high-clamped", "low-clamped", "ends-meet", "default-betas", "no-mscale", "no-mscales"])
+def test_yarn_frequencies_match_transformers_where_the_ramp_is_clamped(extra):
+    """The ramp's ends are clamped to the rotary dimensions [0, dim - 1], ends that meet are
+    moved apart by 0.001, absent settings take their defaults, as transformers does; rope
+    dim 8, factor 4."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from dsv2_jax.rope import attention_factor, inv_freq
+
+    rope = {k: v for k, v in {**ref.YARN, "original_max_position_embeddings": 4096, **extra}.items()
+            if v is not None}
+    kw = dict(ref.V2, max_position_embeddings=4 * rope["original_max_position_embeddings"],
+              rope_parameters=rope)
+    want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](ref.hf_config(**kw), "cpu")
+    cfg = _ours_cfg(kw)
+    got = inv_freq(cfg)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-7, atol=0)
+    assert attention_factor(cfg) == pytest.approx(want_factor, rel=1e-12)
+
+
+def test_rmsnorm_adds_eps_inside_the_root():
+    """y = x / sqrt(mean(x^2) + eps): for activations as small as eps the eps decides the
+    scale (the parity tests' eps of 1e-6 with activations near 1 cannot tell where it goes)."""
+    from dsv2_jax.layers import RMSNorm
+
+    x = np.full((1, 4), 1e-3, np.float32)
+    got = np.asarray(RMSNorm(4, 3e-6)(jnp.asarray(x)))
+    np.testing.assert_allclose(got, x / np.sqrt(1e-6 + 3e-6), rtol=1e-5)  # 0.5, not ~1

@@ -221,7 +221,7 @@ def test_reduced_precision(model, param_dtype, dtype):
     assert err > 1e-5 or (param_dtype, dtype) == ("float32", "float32")  # bf16 really used
 
 
-def test_forward_compiler_options_give_the_default_logits(model):
+def test_forward_compiler_options_give_the_default_logits(model, monkeypatch):
     """`dsv2 eval` and the bench's prefill compile with `forward_compiler_options` (on CPU:
     YNNPACK for reductions only): the same logits as the default compile, at an odd shape."""
     from dsv2_jax.compile_options import forward_compiler_options, jit_forward
@@ -236,6 +236,11 @@ def test_forward_compiler_options_give_the_default_logits(model):
     got = np.asarray(jit_forward(f)(state, ids))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert np.abs(want).max() > 1.0
+    # ...and jit_forward really compiles with them (equal logits cannot show it).
+    seen = {}
+    monkeypatch.setattr(jax, "jit", lambda fn, **kw: seen.update(kw) or fn)
+    jit_forward(f, donate_argnums=())
+    assert seen == {"compiler_options": opts or None, "donate_argnums": ()}
 
 
 def test_forward_reads_routed_experts_from_the_stacks(model):

@@ -74,6 +74,7 @@ def test_exact_counts_pinned():
     {"moe_layer_freq": 2, "num_hidden_layers": 5},
     {"q_lora_rank": None},
     {"n_shared_experts": None},
+    {"n_routed_experts": None},  # dense: every layer an MLP, no routed share to take
 ])
 def test_counts_follow_the_config(overrides):
     cfg = load_config("tiny").replace(**overrides)
