@@ -2,9 +2,11 @@
 
 * dropless dispatch == one device (forward, router outputs, gradients of x and every weight)
   on expert=2/4/8 with data or fsdp beside, tensor beside, one expert per device, skewed
-  routing, and the ragged exchange (emulated: XLA:CPU has no ragged_all_to_all);
+  routing, and the ragged exchange (emulated: XLA:CPU has no ragged_all_to_all), which moves
+  and computes exactly the rows (`Moved`); a capacity with every token protected drops none;
 * with a capacity: the training loss, its statistics and gradients == one device simulating
-  the same token shards; no token reaches more than M devices;
+  the same token shards; no token reaches more than M devices; the exchanged buffers hold
+  the rows per destination that `traffic_figures` (and the plan) state;
 * per-device work: the compiled step's MoE works on local rows only (no [tokens, E] array
   or routed-row array of the global batch) and its FLOPs fall with the device count.
 
@@ -12,6 +14,7 @@ Prints one JSON line per case, then "all ok". Arguments name groups of cases (CA
 all of them.
 """
 
+import contextlib
 import json
 import re
 import sys
@@ -23,7 +26,8 @@ from flax import nnx
 
 from compare import rel, tree_rel
 from dsv2_jax import load_config
-from dsv2_jax.moe import MoE, emulate_ragged_all_to_all, simulate_token_shards
+from dsv2_jax.moe import (MoE, dispatch, emulate_ragged_all_to_all, simulate_token_shards,
+                          traffic_figures)
 from dsv2_jax.sharding.mesh import batch_sharding, make_mesh
 from dsv2_jax.sharding.rules import param_shardings
 from dsv2_jax.train.step import ModelFns, loss_and_stats, params_of
@@ -39,6 +43,44 @@ def moe_cfg(ep, **kw):
                 capacity_factor=None, moe_backend="blocked")
     base.update(kw)
     return load_config("tiny").replace(**base)
+
+
+class Moved:
+    """Counts what the ragged exchange moves and what the receiving side computes: wraps the
+    exchange in use (`emulate_ragged_all_to_all`'s on CPU, whose XLA has none) and
+    `dispatch._receive_compute`, each noting its rows per device and call through
+    `jax.debug.callback`. Dropless, each (token, device) row crosses each of the exchanges
+    once and is computed once, so the records average rows / token shards: an exchange that
+    sends whole buffers, or a receiver computing its unwritten rows, gives more."""
+
+    def __init__(self):
+        self.sent, self.computed = [], []
+
+    def __enter__(self):
+        impl = dispatch._RAGGED_IMPL.get() or jax.lax.ragged_all_to_all
+        self._compute = compute = dispatch._receive_compute
+
+        def ragged(operand, output, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
+            jax.debug.callback(lambda n: self.sent.append(int(n)), jnp.sum(send_sizes))
+            return impl(operand, output, in_off, send_sizes, out_off, recv_sizes, axis_name=axis_name)
+
+        def receive(rows, ids, wts, w_gate, *rest):
+            real = jnp.sum(jnp.any(ids < w_gate.shape[0], axis=1))  # rows holding an expert here
+            jax.debug.callback(lambda n: self.computed.append(int(n)), real)
+            return compute(rows, ids, wts, w_gate, *rest)
+
+        dispatch._receive_compute = receive
+        self._token = dispatch._RAGGED_IMPL.set(ragged)
+        return self
+
+    def __exit__(self, *exc):
+        dispatch._RAGGED_IMPL.reset(self._token)
+        dispatch._receive_compute = self._compute
+
+    def check(self, rows: int, shards: int, spec):
+        jax.effects_barrier()
+        for name, got in (("sent", self.sent), ("computed", self.computed)):
+            assert got and sum(got) * shards == len(got) * rows, (spec, name, rows, shards, got)
 
 
 def layer_case(spec, B=8, T=9, skew=False, ragged=False, train=True, **kw):
@@ -76,10 +118,13 @@ def layer_case(spec, B=8, T=9, skew=False, ragged=False, train=True, **kw):
         return jnp.sum(y * ct) + aux, (y, r)
 
     g2 = jax.jit(jax.value_and_grad(f2, argnums=(0, 1), has_aux=True))
-    with jax.set_mesh(mesh), emulate_ragged_all_to_all():
+    moved = Moved() if ragged else contextlib.nullcontext()
+    with jax.set_mesh(mesh), emulate_ragged_all_to_all(), moved:
         compiled = g2.lower(state_m, x_m).compile()  # compiled once, called and read
         (l2, (y2, r2)), (gs2, gx2) = compiled(state_m, x_m)
         hlo = compiled.as_text()
+    if ragged:
+        moved.check(int(np.asarray(r2.rows).sum()), shards, spec)
     np.testing.assert_array_equal(np.asarray(r1.topk_idx), np.asarray(r2.topk_idx))
     if skew:
         assert (np.sort(np.asarray(r1.topk_idx), axis=1) == np.arange(cfg.num_experts_per_tok)).all()
@@ -132,10 +177,20 @@ def capacity_case(spec, factor=0.6, B=None, T=16):
     p_m = jax.device_put(params, param_shardings(model, mesh))
     b_m = jax.device_put(data, batch_sharding(mesh)) if len(data["inputs"]) % shards == 0 else data
     with jax.set_mesh(mesh):
-        l2, s2, g2 = jax.jit(vg)(p_m, b_m)
+        compiled = jax.jit(vg).lower(p_m, b_m).compile()
+        l2, s2, g2 = compiled(p_m, b_m)
     err = {"loss": rel(l2, l1), "grads": tree_rel(g2, g1)}
-    for k in ("ce", "expert_loss", "device_loss", "comm_loss", "dropped_fraction", "rows_per_token"):
+    for k in ("ce", "expert_loss", "device_loss", "comm_loss", "dropped_fraction", "rows_per_token",
+              "load_max_over_mean", "load_min_over_mean"):  # the last two read the [E] counts
         err[k] = rel(s2[k], s1[k])
+    if ep > 1:  # every buffer the exchange moves holds the rows the capacity sizes, not T
+        seqs = len(data["inputs"])
+        tokens, per_shard = seqs * T // shards, seqs // shards if seqs % shards == 0 else 1
+        C = traffic_figures(cfg, tokens, ep, 4, dropping=True, batch=per_shard)["rows_per_destination"]
+        results = [line.split(" all-to-all(")[0] for line in compiled.as_text().splitlines()
+                   if " all-to-all(" in line]  # [.., C, D] rows / [.., C, k] ids and weights
+        rows = {int(m.group(1)) for r in results for m in re.finditer(r"\w+\[\d+,(\d+),\d+\]", r)}
+        assert rows == {C} and C < tokens, (spec, C, rows)
     assert float(s1["dropped_fraction"]) > 0.01, float(s1["dropped_fraction"])
     assert max(err.values()) <= TOL, (spec, err)
     print(json.dumps({"case": "capacity", "mesh": spec, "dropped_fraction": float(s2["dropped_fraction"]),
@@ -190,6 +245,9 @@ def layer_cases():
     layer_case("data=8", train=False)
     layer_case("data=2,expert=4", B=2, T=7)     # 14 tokens over 8 shards: padded
     layer_case("data=2,expert=4", B=1, T=7)     # padded to 8 tokens, as many as the experts
+    # A capacity with every token protected: nothing dropped, so the buffers must hold a
+    # shard's every token where one destination gets them all (skew: experts 0..2 on two).
+    layer_case("expert=4,data=2", skew=True, capacity_factor=0.5, never_drop_fraction=1.0)
 
 
 def capacity_cases():

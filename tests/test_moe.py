@@ -325,6 +325,33 @@ def test_rows_per_token_limit_at_v2_shapes():
     assert int(np.asarray(r.keep).sum()) == 4 * 3
 
 
+def test_expert_axis_maps_the_device_groups_onto_its_devices():
+    """`expert_parallel_config` (what `dsv2 train` and the plan run on an expert axis): no
+    device groups becomes the ep devices with no limit (M = ep: a token may reach every
+    device, as routing without groups does); groups equal to the devices stay; other groups
+    keep the fraction a token reaches, rounded, raised until M devices hold K experts."""
+    from dsv2_jax.moe.routing import expert_parallel_config
+
+    base = load_config("tiny").replace(n_routed_experts=16, num_experts_per_tok=5, topk_method="greedy",
+                                       n_group=1, topk_group=1)
+    said = []
+    off = base.replace(num_device_groups=0, max_devices_per_token=0)
+    for ep in (2, 4, 8):
+        got = expert_parallel_config(off, ep, said.append)
+        assert (got.num_device_groups, got.max_devices_per_token) == (ep, ep)
+    same = base.replace(num_device_groups=4, max_devices_per_token=2)
+    assert expert_parallel_config(same, 4, said.append) is same and expert_parallel_config(same, 1) is same
+    assert not said
+    # (16, 5, 8): 5 of 16 is 2.5 of 8, rounded to 2, but 2 devices of 2 experts hold 4 < K = 5.
+    for (groups, limit, ep), want in {(8, 3, 4): 2, (4, 2, 2): 1, (16, 8, 8): 4, (16, 5, 8): 3}.items():
+        got = expert_parallel_config(base.replace(num_device_groups=groups, max_devices_per_token=limit),
+                                     ep, said.append)
+        assert (got.num_device_groups, got.max_devices_per_token) == (ep, want), (groups, limit, ep)
+    assert "each token reaches at most 3 of 8 (the config says 5 of 16 groups)" in said[-1]
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        expert_parallel_config(same, 3)
+
+
 @settings(SETTINGS, max_examples=10)
 @given(routing=routings(), seed=st.integers(0, 2**16), window=st.sampled_from([None, 1, 2, 4]))
 def test_decode_routing_reads_the_stacks_window_by_window(routing, seed, window):

@@ -307,8 +307,10 @@ def test_mesh_specs():
 
     assert parse_mesh("fsdp=-1,tensor=2", 8) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
     assert parse_mesh(None, 8)["data"] == 8
+    # A size 0 beside a -1 would divide by zero; an axis given twice would keep its last size.
     for bad, msg in (("data=-1,fsdp=-1", "only one axis"), ("data=3", "has 3 devices"),
-                     ("fsdp=3,data=-1", "does not divide"), ("pipe=2", "unknown axis")):
+                     ("fsdp=3,data=-1", "does not divide"), ("pipe=2", "unknown axis"),
+                     ("data=0,fsdp=-1", "must be >= 1"), ("data=4,data=8", "given twice")):
         with pytest.raises(ValueError, match=msg):
             parse_mesh(bad, 8)
     # No devices: an axis of -1 would be 0 and a plan would divide by it.
@@ -444,6 +446,8 @@ def test_batches_split_over_every_token_axis_and_shrink_leniently():
 
     mesh = _abstract_mesh(**_EVERY_AXIS)
     assert batch_axes(mesh) == ("data", "fsdp", "expert")
+    # A mesh of the user's own with fewer axes: only the ones it has.
+    assert batch_axes(jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))) == ("fsdp",)
     assert batch_sharding(mesh).spec == P(("data", "fsdp", "expert"))
     de = _abstract_mesh(data=2, expert=4)
     assert spec_for(("act_batch", "act_seq", "act_embed"), (2, 16, 64), de, lenient=True) == P("data", None, None)
@@ -483,6 +487,33 @@ def test_adam_moments_follow_their_parameters():
             else:
                 assert sh.spec == jax.sharding.PartitionSpec(), (tx, name, sh.spec)
         assert moments == 2 * len(by_param), (tx, moments, len(by_param))
+
+
+def test_several_slices_split_only_data_across_them():
+    """Devices carrying `slice_index` (TPU multislice) make a hybrid mesh: the data axis
+    spans the slices, each slice holding data / slices of its rows and every other axis
+    whole; a data axis that the slices do not divide is refused. (Stand-in devices of a
+    platform whose mesh is a plain reshape, so that no TPU topology is needed.)"""
+    import dataclasses
+
+    from dsv2_jax.sharding.mesh import make_mesh
+
+    @dataclasses.dataclass(frozen=True)
+    class Device:
+        id: int
+        slice_index: int
+        platform: str = "gpu"
+        device_kind: str = "stand-in"
+        process_index: int = 0
+
+    devices = [Device(i, i // 4) for i in range(8)]  # two slices of four
+    for spec, data in (("data=2,fsdp=2,tensor=2", 2), ("data=4,expert=2", 4), ("data=8", 8)):
+        mesh = make_mesh(spec, devices=devices)
+        assert mesh.devices.shape[0] == data, spec
+        slices = np.vectorize(lambda d: d.slice_index)(mesh.devices).reshape(data, -1)
+        assert (slices == (np.arange(data) // (data // 2))[:, None]).all(), (spec, slices)
+    with pytest.raises(ValueError, match="multiple of the 2 slices"):
+        make_mesh("fsdp=4,tensor=2", devices=devices)
 
 
 def test_mesh_axes_are_ordered_outermost_first():

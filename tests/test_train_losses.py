@@ -260,6 +260,44 @@ def test_moe_layer_drops_exactly_the_rows_the_router_drops():
     assert np.asarray(r_moe.keep)[protected].all()
 
 
+def test_moe_layer_gives_padding_no_capacity_and_computes_only_kept_assignments(monkeypatch):
+    """The layer's own dropping with padding (the last 12 of 64 tokens): each group's
+    capacity comes from the 52 real tokens, ceil(0.5 * 52 * 2 / 4) = 13 rows, as in
+    `Router` (16 if padding earned capacity). And what is dropped is not computed: the
+    grouped matmul runs exactly the kept assignments' rows, not every token's K (the work
+    a capacity exists to bound)."""
+    from flax import nnx
+
+    from dsv2_jax.moe import MoE, gmm
+    from dsv2_jax.moe.routing import dynamic_capacity
+
+    E, G, B, S = 8, 4, 4, 16
+    cfg = _cfg(capacity_factor=0.5, num_device_groups=G, max_devices_per_token=2)
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (B, S, cfg.hidden_size))
+    valid = jnp.ones((B, S), bool).at[-1, 4:].set(False)
+    computed = []
+    ffn = gmm.expert_ffn
+
+    def counting_ffn(xs, group_sizes, *args):
+        jax.debug.callback(lambda n: computed.append(int(n)), jnp.sum(group_sizes))
+        return ffn(xs, group_sizes, *args)
+
+    monkeypatch.setattr(gmm, "expert_ffn", counting_ffn)
+    _, r_moe = moe(x, train=True, valid=valid)
+    jax.effects_barrier()
+    r_router = moe.gate(x.reshape(B * S, -1), train=True, batch=B, valid=valid.reshape(-1))
+    cap = int(dynamic_capacity(cfg, valid.reshape(-1), G))
+    assert cap == 13
+    for field in ("topk_idx", "keep", "rows"):
+        np.testing.assert_array_equal(np.asarray(getattr(r_moe, field)), np.asarray(getattr(r_router, field)))
+    keep = np.asarray(r_moe.keep)
+    kept = _kept_rows_per_group(r_moe.topk_idx, keep, E, G)
+    assert (kept <= np.maximum(cap, _sent_rows_per_group(np.asarray(r_moe.topk_idx)[:S], E, G))).all()
+    assert (kept == cap).any() and not keep[~np.asarray(valid).reshape(-1)].any()
+    assert computed == [int(keep.sum())] and keep.sum() < B * S * cfg.num_experts_per_tok
+
+
 def test_capacity_rounds_up():
     """A group's capacity is ceil(cf * T * M / G) over the real tokens: 9 tokens reaching
     at most M = 2 of G = 4 groups give 4.5 rows on average, so 5 (4 would drop a row at
