@@ -174,7 +174,7 @@ def main():
     g = gmm_row(a.quick, 256 if a.quick else 8192)
     print(json.dumps({"gmm": g}), flush=True)
 
-    print(f"\n| row | figure |\n|---|---|")
+    print("\n| row | figure |\n|---|---|")
     print(f"| ceilings | {c['bf16_matmul_tflops']:.1f} TFLOP/s bf16 matmul, {c['copy_gbps']:.0f} GB/s copy |")
     for r in rows:
         if "error" in r:

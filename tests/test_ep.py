@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from test_mesh import _metrics, _run, one_device_metrics
 from procenv import cpu_env

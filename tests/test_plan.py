@@ -84,7 +84,7 @@ def _compare(compiled):
 
 
 def _totals_agree(rows):
-    print(f"\n| config | mesh | batch x seq | planner GB | memory_analysis GB (args + temp) | error |")
+    print("\n| config | mesh | batch x seq | planner GB | memory_analysis GB (args + temp) | error |")
     print("|---|---|---|---|---|---|")
     for name, overrides, mesh, batch, seq, plan, m, measured in rows:
         err = plan.total / measured - 1

@@ -249,7 +249,6 @@ def test_a_finite_loss_with_a_non_finite_gradient_norm_is_skipped(optimizer):
     as they were and counts one non-finite step, with the fused AdamW and with any optax
     transformation alike."""
     import jax
-    import jax.numpy as jnp
 
     from dsv2_jax import init_model, load_config
     from dsv2_jax.train.optim import lr_schedule, make_optax_optimizer, make_optimizer
@@ -365,7 +364,6 @@ def test_bf16_compute_remat_and_token_dropping_run(tmp_path):
 
 def test_gradient_accumulation_equals_full_batch():
     import jax
-    import jax.numpy as jnp
 
     from dsv2_jax import init_model, load_config
     from dsv2_jax.train.optim import lr_schedule

@@ -167,8 +167,6 @@ def load_sharded(cfg: DeepseekV2Config, src: SafetensorsDir, abstract_state, sha
     its experts' tensors, a row-split weight from those rows), so this process reads only what
     its own devices hold and host memory peaks at about one shard block, never a whole
     model. shardings: {path tuple: jax.sharding.Sharding}. Returns {path: jax.Array}."""
-    import jax
-
     entries = param_map(cfg, abstract_state)
     check_tensors(src, entries)
     by_path: dict[tuple, dict[tuple, Entry]] = {}

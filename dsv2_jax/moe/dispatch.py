@@ -200,7 +200,6 @@ def _ragged_exchange(send_x, send_ids, send_w, counts, w_gate, w_up, w_down, spe
     slots); the receiver packs the rows of all sources back to back."""
     ax = spec.expert_axis
     ep, C, D = send_x.shape
-    k = send_ids.shape[-1]
     ragged = _RAGGED_IMPL.get() or jax.lax.ragged_all_to_all
     counts = counts.astype(jnp.int32)
     recv_counts = jax.lax.all_to_all(counts, ax, 0, 0, tiled=True)  # [ep] rows from each source

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dsv2_jax.config import DeepseekV2Config
-from dsv2_jax.layers import MLP, dtype_of, normal_param, use
+from dsv2_jax.layers import MLP, dtype_of, normal_param
 from dsv2_jax.moe.dispatch import ShardSpec, a2a_flavor, shard_forward
 from dsv2_jax.moe.gmm import gmm_backend
 from dsv2_jax.moe.routing import Router, RouterOutput

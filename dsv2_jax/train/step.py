@@ -19,7 +19,7 @@ from flax import nnx
 from dsv2_jax.config import DeepseekV2Config
 from dsv2_jax.moe import balance_losses
 from dsv2_jax.sharding.rules import constrain
-from dsv2_jax.train.loss import chunked_cross_entropy, cross_entropy  # noqa: F401 (re-export)
+from dsv2_jax.train.loss import chunked_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
