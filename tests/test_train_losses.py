@@ -228,21 +228,43 @@ def _sent_rows_per_group(idx, n_experts, n_groups):
     return np.array([(group == g).any(axis=1).sum() for g in range(n_groups)])
 
 
-def test_moe_layer_drops_exactly_the_rows_the_router_drops():
+_E, _G, _B, _S = 8, 4, 4, 16
+
+
+def _moe_and_router(monkeypatch, valid=None):
+    """The MoE layer's own dropping and `Router`'s on the same tokens (E experts in G device
+    groups, capacity factor 0.5, M = 2; `valid` [B, S] marks padding): (cfg, the layer's
+    router output, the router's, the rows the grouped matmul computed in each call)."""
+    from flax import nnx
+
+    from dsv2_jax.moe import MoE, gmm
+
+    cfg = _cfg(capacity_factor=0.5, num_device_groups=_G, max_devices_per_token=2)
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (_B, _S, cfg.hidden_size))
+    computed = []
+    ffn = gmm.expert_ffn
+
+    def counting_ffn(xs, group_sizes, *args):
+        jax.debug.callback(lambda n: computed.append(int(n)), jnp.sum(group_sizes))
+        return ffn(xs, group_sizes, *args)
+
+    monkeypatch.setattr(gmm, "expert_ffn", counting_ffn)
+    _, r_moe = moe(x, train=True, valid=valid)
+    jax.effects_barrier()
+    r_router = moe.gate(x.reshape(_B * _S, -1), train=True, batch=_B,
+                        valid=None if valid is None else valid.reshape(-1))
+    return cfg, r_moe, r_router, computed
+
+
+def test_moe_layer_drops_exactly_the_rows_the_router_drops(monkeypatch):
     """Token dropping is written twice: `Router` / `route` (`capacity_keep`, hand-checked
     above) and inline in the MoE layer's dispatch, the path training runs. Both must keep the
     same rows: each group's `capacity` of them, or its protected rows if more."""
-    from flax import nnx
-
-    from dsv2_jax.moe import MoE
     from dsv2_jax.moe.routing import dynamic_capacity, protected_rows
 
-    E, G, B, S = 8, 4, 4, 16
-    cfg = _cfg(capacity_factor=0.5, num_device_groups=G, max_devices_per_token=2)
-    moe = MoE(cfg, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (B, S, cfg.hidden_size))
-    _, r_moe = moe(x, train=True)
-    r_router = moe.gate(x.reshape(B * S, -1), train=True, batch=B)
+    E, G, B, S = _E, _G, _B, _S
+    cfg, r_moe, r_router, _ = _moe_and_router(monkeypatch)
     np.testing.assert_array_equal(np.asarray(r_moe.topk_idx), np.asarray(r_router.topk_idx))
     np.testing.assert_array_equal(np.asarray(r_moe.keep), np.asarray(r_router.keep))
     np.testing.assert_array_equal(np.asarray(r_moe.rows), np.asarray(r_router.rows))
@@ -266,27 +288,11 @@ def test_moe_layer_gives_padding_no_capacity_and_computes_only_kept_assignments(
     `Router` (16 if padding earned capacity). And what is dropped is not computed: the
     grouped matmul runs exactly the kept assignments' rows, not every token's K (the work
     a capacity exists to bound)."""
-    from flax import nnx
-
-    from dsv2_jax.moe import MoE, gmm
     from dsv2_jax.moe.routing import dynamic_capacity
 
-    E, G, B, S = 8, 4, 4, 16
-    cfg = _cfg(capacity_factor=0.5, num_device_groups=G, max_devices_per_token=2)
-    moe = MoE(cfg, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (B, S, cfg.hidden_size))
+    E, G, B, S = _E, _G, _B, _S
     valid = jnp.ones((B, S), bool).at[-1, 4:].set(False)
-    computed = []
-    ffn = gmm.expert_ffn
-
-    def counting_ffn(xs, group_sizes, *args):
-        jax.debug.callback(lambda n: computed.append(int(n)), jnp.sum(group_sizes))
-        return ffn(xs, group_sizes, *args)
-
-    monkeypatch.setattr(gmm, "expert_ffn", counting_ffn)
-    _, r_moe = moe(x, train=True, valid=valid)
-    jax.effects_barrier()
-    r_router = moe.gate(x.reshape(B * S, -1), train=True, batch=B, valid=valid.reshape(-1))
+    cfg, r_moe, r_router, computed = _moe_and_router(monkeypatch, valid)
     cap = int(dynamic_capacity(cfg, valid.reshape(-1), G))
     assert cap == 13
     for field in ("topk_idx", "keep", "rows"):
