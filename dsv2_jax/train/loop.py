@@ -39,7 +39,7 @@ from dsv2_jax.train import metrics as M
 from dsv2_jax.train.checkpointing import TrainCheckpoints, checkpoint_steps, unreadable
 from dsv2_jax.train.optim import lr_schedule, make_optimizer
 from dsv2_jax.train.run_settings import (TrainArgs, TrainingError, check_args, check_resume,
-                                         config_name, default_workdir, keep_run_settings,
+                                         config_name, default_workdir, flag, keep_run_settings,
                                          parse_profile_steps, resolve_config, schedule_changes,
                                          warmup_length)
 from dsv2_jax.train.step import ModelFns, init_state, make_train_step, params_of
@@ -235,7 +235,7 @@ def train(args: TrainArgs, log=print) -> dict:
             step0, state = 0, _initial_state(cfg, args, tx, params_of(abstract_model), mesh, state_sh)
         if changes:
             log(f"settings changed from step {step0}: "
-                + ", ".join(f"--{k.replace('_', '-')} {v['old']} -> {v['new']}" for k, v in changes.items()))
+                + ", ".join(f"{flag(k)} {v['old']} -> {v['new']}" for k, v in changes.items()))
         # --- the run is accepted: its files (process 0's) ---------------------------------
         if primary:
             os.makedirs(args.workdir, exist_ok=True)

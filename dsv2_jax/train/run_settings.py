@@ -91,7 +91,7 @@ def check_args(args: TrainArgs) -> None:
     for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints",
                  "grad_accum", "log_every", "max_nonfinite"):
         if getattr(args, name) < 1:
-            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise TrainingError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
     for name, least in (("lr", 0.0), ("weight_decay", 0.0), ("clip", 0.0), ("warmup_steps", 0)):
         v = getattr(args, name)
         if v is not None and not least <= v < math.inf:
@@ -234,7 +234,7 @@ def check_resume(args: TrainArgs, resuming: bool) -> dict | None:
     if changed:
         raise TrainingError(
             f"{args.workdir} was trained with other data settings ("
-            + ", ".join(f"--{k.replace('_', '-')} {first[k]!r}" for k in changed)
+            + ", ".join(f"{flag(k)} {first[k]!r}" for k in changed)
             + "); resume with the same ones or use a new --workdir")
     procs = first.get("process_count", 1)
     if procs != jax.process_count():
