@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from dsv2_jax.checkpoint import CheckpointError
+from dsv2_jax.checkpoint import CheckpointError, DamagedCheckpointWarning
 from dsv2_jax.checkpoint import fp8 as fp8_lib
 from dsv2_jax.checkpoint import orbax_io
 from dsv2_jax.checkpoint.hf import PARAM_DTYPES
@@ -548,7 +548,8 @@ def run(args) -> int:
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:  # pragma: no cover
         pass
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore")  # library chatter; what the user must know is kept:
+    warnings.filterwarnings("default", category=DamagedCheckpointWarning)
     import signal
 
     def on_term(signum, _frame):  # SIGTERM cleans up like Ctrl-C

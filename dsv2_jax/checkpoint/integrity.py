@@ -48,6 +48,7 @@ def probe(path: str) -> str | None:
 
     import tensorstore as ts
 
+    path = os.path.abspath(path)  # tensorstore refuses "." and ".." in a file path
     meta = os.path.join(path, "_METADATA")
     try:
         with open(meta) as f:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from dsv2_jax.checkpoint import CheckpointError
+from dsv2_jax.checkpoint import CheckpointError, DamagedCheckpointWarning
 
 PARAMS_DIR = "params"
 META_FILE = "dsv2_convert.json"
@@ -87,7 +87,7 @@ def _warn_skipped(workdir: str, step: int, skipped: list[str]) -> None:
         import warnings
 
         warnings.warn(f"{workdir}: using checkpoint step {step}; newer ones are damaged ("
-                      + "; ".join(skipped) + ")", stacklevel=3)
+                      + "; ".join(skipped) + ")", DamagedCheckpointWarning, stacklevel=3)
 
 
 def _raise_none_good(workdir: str, skipped: list[str]):
