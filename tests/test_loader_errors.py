@@ -169,6 +169,13 @@ def test_fp8_scales_and_unscaled_fp8_weights_are_refused(saved, tmp_path):
         _rewrite(os.path.join(path, "model.safetensors"), lambda t: {**t, name: t[name].astype(dt)})
         msg = _load_error(path)
         assert repr(name) in msg and "is FP8 (F8_E" in msg, msg
+    # A checkpoint mostly in FP8 is refused before any tensor is read, with the way out:
+    # `dsv2 convert --dtype` (`dtype=` would not help: loading does not dequantise).
+    path = _copy(saved[0], tmp_path, "all_fp8")
+    _rewrite(os.path.join(path, "model.safetensors"),
+             lambda t: {k: v.astype(ml_dtypes.float8_e4m3fn) for k, v in t.items()})
+    msg = _load_error(path)
+    assert "most weights are FP8 (F8_E4M3)" in msg and "dsv2 convert" in msg and "--dtype" in msg, msg
 
 
 def test_compute_dtype_is_honoured(saved):

@@ -100,6 +100,10 @@ PARAM_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 def _checkpoint_dtype(src: SafetensorsDir) -> str:
     """The parameter dtype of the checkpoint: the dtype most of its bytes are stored in."""
     dt = src.dominant_dtype()
+    if dt.startswith("F8"):  # scales or not, loading does not dequantise
+        raise CheckpointError(f"{src.path}: most weights are FP8 ({dt}), which loading does not "
+                              f"dequantise; convert first: dsv2 convert {src.path} OUT --to hf "
+                              f"--dtype bfloat16")
     if dt not in PARAM_DTYPES:
         raise CheckpointError(f"{src.path}: most weights are {dt}; pass dtype= to choose a "
                               f"parameter dtype")
