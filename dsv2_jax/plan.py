@@ -545,14 +545,14 @@ def advice(plan: Plan) -> list[str]:
     return lines
 
 
-MAX_BATCH_SEARCH = 4096  # sequences per token shard
+MAX_BATCH_SEARCH = 4096  # sequences per token shard and micro-batch
 
 
 def max_batch(cfg: DeepseekV2Config, mesh: str | Mapping[str, int] | None, seq_len: int, *,
               limit: int = MAX_BATCH_SEARCH, **kw) -> int:
-    """The largest global batch (a multiple of the token shards) whose plan fits, searched
-    up to `limit` sequences per token shard; 0 if not even one sequence per token shard
-    does."""
+    """The largest global batch (a multiple of the token shards times `grad_accum`) whose
+    plan fits, searched up to `limit` sequences per token shard and micro-batch; 0 if not
+    even one sequence per token shard and micro-batch does."""
     sizes = dict(mesh) if isinstance(mesh, Mapping) else mesh_sizes(mesh, kw.pop("n_devices", None))
     shards = token_shards(sizes) * kw.get("grad_accum", 1)  # whole micro-batches per shard
     fits = lambda b: make_plan(cfg, sizes, b * shards, seq_len, **kw).fits
