@@ -169,6 +169,20 @@ def test_packing_matches_a_hand_built_example(tmp_path):
         assert got[k].dtype == np.int32
 
 
+def test_eval_files_named_through_a_symlink_are_still_kept_out_of_training(tmp_path):
+    """eval=GLOB names files by another path than the training glob (a linked folder): they
+    are the same files, so training must not read them (comparing path strings had kept
+    them in the training set)."""
+    (tmp_path / "d").mkdir()
+    for i in range(4):
+        np.save(tmp_path / "d" / f"n{i}.npy", np.arange(50) + i)
+    os.symlink(tmp_path / "d", tmp_path / "link")
+    for eval_glob in (f"{tmp_path}/d/n0.npy", f"{tmp_path}/link/n0.npy"):
+        spec = f"npy:{tmp_path}/d/*.npy,eval={eval_glob}"
+        c = corpus.Corpus(data.parse_spec(spec), 128, spec)
+        assert [os.path.basename(f) for f in c.train_files] == ["n1.npy", "n2.npy", "n3.npy"], eval_glob
+
+
 def test_training_rows_are_shuffled_when_packed_eval_rows_are_not():
     """Packing fills several bins at once and emits them together: with a seed (training)
     the rows of each flush come in a seeded order, without one (evaluation) in fill order.

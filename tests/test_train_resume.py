@@ -121,6 +121,67 @@ def test_a_workdir_given_with_dot_segments_loads_and_convert_warns_of_damage(tmp
         assert cli_main(["convert", "./run", "hf_out", "--to", "hf", "--no-progress"]) == 0
 
 
+def test_paths_the_checkpoint_library_cannot_use_are_refused_and_dot_paths_stay_in_place(tmp_path, monkeypatch):
+    """A backslash in a path is refused before anything is written (tensorstore reads it as
+    '/': the arrays went elsewhere and every good step was later judged damaged); a workdir
+    `new/..` is the current directory, so a run failing before its first checkpoint does not
+    remove it as a folder it made; `--init-from ..` defaults its workdir to runs/<that
+    folder's name>, not runs/.. (the current directory)."""
+    from dsv2_jax import from_pretrained
+    from dsv2_jax.checkpoint import CheckpointError
+    from dsv2_jax.checkpoint.convert import convert
+    from dsv2_jax.train.run_settings import default_workdir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainingError, match=r"--workdir a\\b: a backslash"):
+        train(TrainArgs(workdir="a\\b", steps=1, **SMALL))
+    with pytest.raises(TrainingError, match=r"--init-from x\\y: a backslash"):
+        train(TrainArgs(workdir="w", steps=1, init_from="x\\y", **dict(SMALL, config=None)))
+    assert sorted(os.listdir(tmp_path)) == []
+    for call in (lambda: from_pretrained("m\\x"), lambda: convert(str(tmp_path), "o\\x", "hf")):
+        with pytest.raises(CheckpointError, match="a backslash"):
+            call()
+    assert sorted(os.listdir(tmp_path)) == []
+    (tmp_path / "keep.txt").write_text("x")
+    os.mkdir(tmp_path / "run.json")  # writing the run's record fails: before any checkpoint
+    with pytest.raises(OSError):
+        train(TrainArgs(workdir="new/..", steps=1, **SMALL))
+    assert (tmp_path / "keep.txt").exists()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    name = os.path.basename(str(tmp_path))
+    assert default_workdir("tiny", "..") == os.path.join("runs", name)
+    assert default_workdir("tiny", ".") == os.path.join("runs", "sub")
+    assert default_workdir("tiny", "../sub/") == os.path.join("runs", "sub")
+
+
+def test_a_resume_from_another_directory_does_not_read_other_files_for_a_relative_spec(tmp_path, monkeypatch):
+    """`--data npy:data/*.npy` names files relative to where the run started: a resume from
+    another directory holding its own data/ would train on those with no word. run.json
+    records where the run started, and such a resume is refused naming it; from there it
+    resumes, and an absolute spec resumes from anywhere."""
+    for d, fill in (("a", None), ("b", 7)):
+        (tmp_path / d / "data").mkdir(parents=True)
+        for i in range(3):
+            np.save(tmp_path / d / "data" / f"n{i}.npy", np.arange(300) % 100 if fill is None else np.full(300, fill))
+    args = dict(SMALL, set=SMALL["set"] + ["vocab_size=128"], checkpoint_every=1)
+    monkeypatch.chdir(tmp_path / "a")
+    train(TrainArgs(workdir="run", steps=1, data="npy:data/*.npy", **args))
+    assert json.load(open("run/run.json"))["data_cwd"] == str(tmp_path / "a")
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(TrainingError, match=r"relative to .*/a \(where the run started\).*resume from"):
+        train(TrainArgs(workdir="../a/run", steps=2, data="npy:data/*.npy", **args))
+    assert _steps(str(tmp_path / "a" / "run")) == [1]
+    monkeypatch.chdir(tmp_path / "a")
+    train(TrainArgs(workdir="run", steps=2, data="npy:data/*.npy", **args))
+    assert _steps("run") == [1, 2]
+    spec = f"npy:{tmp_path}/a/data/*.npy"
+    train(TrainArgs(workdir="abs", steps=1, data=spec, **args))
+    monkeypatch.chdir(tmp_path / "b")
+    train(TrainArgs(workdir="../a/abs", steps=2, data=spec, **args))
+    assert _steps(str(tmp_path / "a" / "abs")) == [1, 2]
+
+
 def test_loading_a_workdir_for_use_stops_at_a_failure_that_is_not_damage(tmp_path):
     """Loading a training workdir for use skips damaged steps only: a step that fails for
     another reason (here a config override its parameters do not fit) stops the load with

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from dsv2_jax.checkpoint import CheckpointError, DamagedCheckpointWarning
+from dsv2_jax.checkpoint import CheckpointError, DamagedCheckpointWarning, path_problem
 from dsv2_jax.checkpoint import fp8 as fp8_lib
 from dsv2_jax.checkpoint import orbax_io
 from dsv2_jax.checkpoint.hf import PARAM_DTYPES
@@ -405,7 +405,10 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
         raise CheckpointError(f"--to {to!r}: expected 'orbax' or 'hf'")
     if dtype is not None and dtype not in _HF_NAMES:
         raise CheckpointError(f"--dtype {dtype!r}: expected one of {sorted(_HF_NAMES)}")
-    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    src, dst = (os.path.abspath(os.path.expanduser(os.fspath(p))) for p in (src, dst))
+    for p in (src, dst):
+        if path_problem(p):
+            raise CheckpointError(f"{p}: {path_problem(p)}")
     _remove_stale_temporaries(dst)  # first: a half-done swap's DST comes back before the check
     _check_destination(src, dst, overwrite)
     source = open_source(src)

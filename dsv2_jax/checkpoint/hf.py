@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv2_jax.checkpoint import CheckpointError
+from dsv2_jax.checkpoint import CheckpointError, path_problem
 from dsv2_jax.checkpoint.safetensors_io import SafetensorsDir
 from dsv2_jax.config import DeepseekV2Config
 from dsv2_jax.model import DeepseekV2ForCausalLM
@@ -234,7 +234,9 @@ def from_pretrained(path, dtype=None, compute_dtype=None, mesh=None, rules=None,
     Any mismatch between config and tensors raises `CheckpointError`; nothing is initialised
     at random.
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
+    if path_problem(path):
+        raise CheckpointError(f"{path}: {path_problem(path)}")
     from dsv2_jax.checkpoint import orbax_io
 
     if orbax_io.is_orbax_checkpoint(path) or orbax_io.is_training_workdir(path):

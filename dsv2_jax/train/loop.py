@@ -34,6 +34,7 @@ import time
 import jax
 import numpy as np
 
+from dsv2_jax.checkpoint import path_problem
 from dsv2_jax.config import DeepseekV2Config
 from dsv2_jax.train import metrics as M
 from dsv2_jax.train.checkpointing import TrainCheckpoints, checkpoint_steps, unreadable
@@ -138,10 +139,16 @@ def train(args: TrainArgs, log=print) -> dict:
 
     if not args.workdir:
         args = dataclasses.replace(args, workdir=default_workdir(args.config, args.init_from))
+    args = dataclasses.replace(args, workdir=os.path.expanduser(args.workdir),
+                               init_from=args.init_from and os.path.expanduser(args.init_from))
     # --- everything that can refuse the run, before any file is written ---------------
     if "://" in args.workdir:
         raise TrainingError(f"--workdir {args.workdir}: a URL; the run writes plain files (config, "
                             f"metrics) there: mount the bucket (e.g. gcsfuse) and pass the mount path")
+    for name in ("workdir", "init_from"):
+        problem = path_problem(os.path.abspath(getattr(args, name) or ""))
+        if getattr(args, name) and problem:
+            raise TrainingError(f"{flag(name)} {getattr(args, name)}: {problem}")
     args = keep_run_settings(args, log)
     check_args(args)
     try:
@@ -217,7 +224,10 @@ def train(args: TrainArgs, log=print) -> dict:
     state_sh = {"params": params_sh,
                 "opt_state": optimizer_shardings(tx, state_shape["opt_state"], params_sh, mesh),
                 "step": rep, "nonfinite": rep}
-    created = not os.path.exists(args.workdir)
+    # Made by this run (so removed if it fails before its first checkpoint): judged on the
+    # normalised path, as "new/.." names the current directory once "new" exists.
+    workdir_abs = os.path.abspath(args.workdir)
+    created = not os.path.exists(workdir_abs)
     primary = hosts.is_primary()
     ckpts = None
     try:
@@ -244,7 +254,8 @@ def train(args: TrainArgs, log=print) -> dict:
             run_json = os.path.join(args.workdir, "run.json")
             if first_run is None:
                 record = {k: v for k, v in dataclasses.asdict(args).items() if k != "given"}
-                _write_json(run_json, dict(record, process_count=jax.process_count(), history=[]))
+                _write_json(run_json, dict(record, process_count=jax.process_count(),
+                                           data_cwd=os.getcwd(), history=[]))
             elif changes:
                 first_run.setdefault("history", []).append({"step": step0, "changes": changes})
                 _write_json(run_json, first_run)
@@ -254,8 +265,8 @@ def train(args: TrainArgs, log=print) -> dict:
     except BaseException:
         if ckpts is not None:
             ckpts.close()
-        if primary and created and os.path.isdir(args.workdir) and not checkpoint_steps(ckdir):
-            shutil.rmtree(args.workdir, ignore_errors=True)
+        if primary and created and os.path.isdir(workdir_abs) and not checkpoint_steps(ckdir):
+            shutil.rmtree(workdir_abs, ignore_errors=True)
         raise
     return _run_steps(args, cfg, fns, tx, schedule, state, step0, last_stop, data_iter, ckpts,
                       mesh, state_sh, rep, bsh, log)

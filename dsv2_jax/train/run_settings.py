@@ -75,7 +75,7 @@ def default_workdir(config: str, init_from: str | None = None) -> str:
     """runs/<name>: the preset's name, a config file's stem (its folder's name for a file
     called config.json), or the --init-from directory's name."""
     src = init_from or config
-    path = os.path.normpath(os.fspath(src))
+    path = os.path.abspath(os.path.expanduser(os.fspath(src)))  # ".." names its folder
     name = os.path.basename(path)
     if name.endswith(".json"):
         stem = name[:-5]
@@ -236,6 +236,14 @@ def check_resume(args: TrainArgs, resuming: bool) -> dict | None:
             f"{args.workdir} was trained with other data settings ("
             + ", ".join(f"{flag(k)} {first[k]!r}" for k in changed)
             + "); resume with the same ones or use a new --workdir")
+    started_in = first.get("data_cwd")
+    here = os.getcwd()
+    if (started_in is not None and _relative_data_paths(args.data)
+            and os.path.realpath(started_in) != os.path.realpath(here)):
+        raise TrainingError(
+            f"{args.workdir} was trained on --data {args.data!r}, whose paths are relative to "
+            f"{started_in} (where the run started), and this resume runs in {here}: the same "
+            f"spec would read other files here; resume from {started_in}")
     procs = first.get("process_count", 1)
     if procs != jax.process_count():
         raise TrainingError(
@@ -243,6 +251,15 @@ def check_resume(args: TrainArgs, resuming: bool) -> dict | None:
             f"{jax.process_count()}: each process's share of the data would change; resume with "
             f"{procs} process(es) or use a new --workdir")
     return first
+
+
+def _relative_data_paths(data: str | None) -> list[str]:
+    from dsv2_jax.train.data.spec import parse_spec, relative_paths
+
+    try:
+        return relative_paths(parse_spec(data)) if data else []
+    except ValueError:
+        return []  # refused where the data is read, naming what is wrong
 
 
 def schedule_now(run: dict) -> dict:

@@ -121,8 +121,8 @@ class Corpus:
         )
         if spec.eval_pattern is not None:
             eval_files = _glob_files(spec.eval_pattern, f"data {spec_text!r} eval=")
-            eval_set = set(eval_files)
-            self.train_files = [f for f in files if f not in eval_set]
+            eval_set = {os.path.realpath(f) for f in eval_files}  # the same file by any name
+            self.train_files = [f for f in files if os.path.realpath(f) not in eval_set]
             self.eval_files = eval_files
             self.split_docs = False
         elif self.doc_per_file:

@@ -36,6 +36,12 @@ class DataSpec:
     shard: str = "process"
 
 
+def relative_paths(spec: DataSpec) -> list[str]:
+    """The spec's file paths (globs, tokenizer) that are relative to the current directory."""
+    paths = (spec.pattern, spec.eval_pattern, None if spec.tokenizer == "bytes" else spec.tokenizer)
+    return [p for p in paths if p is not None and not os.path.isabs(p)]
+
+
 def parse_spec(spec: str) -> DataSpec:
     """Parses a SPEC string; raises ValueError naming what is wrong."""
     if not isinstance(spec, str) or not spec.strip():
