@@ -153,6 +153,10 @@ def test_paths_the_checkpoint_library_cannot_use_are_refused_and_dot_paths_stay_
     assert default_workdir("tiny", "..") == os.path.join("runs", name)
     assert default_workdir("tiny", ".") == os.path.join("runs", "sub")
     assert default_workdir("tiny", "../sub/") == os.path.join("runs", "sub")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~ expands in the path arguments
+    for call in (lambda: from_pretrained("~/m"), lambda: convert("~/m", "~/o", "hf")):
+        with pytest.raises((FileNotFoundError, CheckpointError), match=str(tmp_path / "home" / "m")):
+            call()
 
 
 def test_a_resume_from_another_directory_does_not_read_other_files_for_a_relative_spec(tmp_path, monkeypatch):
