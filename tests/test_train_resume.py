@@ -142,6 +142,10 @@ def test_paths_the_checkpoint_library_cannot_use_are_refused_and_dot_paths_stay_
         with pytest.raises(CheckpointError, match="a backslash"):
             call()
     assert sorted(os.listdir(tmp_path)) == []
+    os.symlink(tmp_path / "elsewhere", "dangling")
+    with pytest.raises(TrainingError, match=r"--workdir dangling: a symbolic link to .*elsewhere, which does not exist"):
+        train(TrainArgs(workdir="dangling", steps=1, **SMALL))
+    os.remove("dangling")
     (tmp_path / "keep.txt").write_text("x")
     os.mkdir(tmp_path / "run.json")  # writing the run's record fails: before any checkpoint
     with pytest.raises(OSError):

@@ -149,6 +149,9 @@ def train(args: TrainArgs, log=print) -> dict:
         problem = path_problem(os.path.abspath(getattr(args, name) or ""))
         if getattr(args, name) and problem:
             raise TrainingError(f"{flag(name)} {getattr(args, name)}: {problem}")
+    if os.path.islink(args.workdir) and not os.path.exists(args.workdir):
+        raise TrainingError(f"--workdir {args.workdir}: a symbolic link to {os.readlink(args.workdir)}, "
+                            f"which does not exist: create that folder first")
     args = keep_run_settings(args, log)
     check_args(args)
     try:
