@@ -407,8 +407,8 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, overwrite:
         raise CheckpointError(f"--dtype {dtype!r}: expected one of {sorted(_HF_NAMES)}")
     src, dst = (os.path.abspath(os.path.expanduser(os.fspath(p))) for p in (src, dst))
     for p in (src, dst):
-        if path_problem(p):
-            raise CheckpointError(f"{p}: {path_problem(p)}")
+        if why := path_problem(p):
+            raise CheckpointError(f"{p}: {why}")
     _remove_stale_temporaries(dst)  # first: a half-done swap's DST comes back before the check
     _check_destination(src, dst, overwrite)
     source = open_source(src)

@@ -235,8 +235,8 @@ def from_pretrained(path, dtype=None, compute_dtype=None, mesh=None, rules=None,
     at random.
     """
     path = os.path.expanduser(os.fspath(path))
-    if path_problem(path):
-        raise CheckpointError(f"{path}: {path_problem(path)}")
+    if why := path_problem(path):
+        raise CheckpointError(f"{path}: {why}")
     from dsv2_jax.checkpoint import orbax_io
 
     if orbax_io.is_orbax_checkpoint(path) or orbax_io.is_training_workdir(path):

@@ -146,9 +146,9 @@ def train(args: TrainArgs, log=print) -> dict:
         raise TrainingError(f"--workdir {args.workdir}: a URL; the run writes plain files (config, "
                             f"metrics) there: mount the bucket (e.g. gcsfuse) and pass the mount path")
     for name in ("workdir", "init_from"):
-        problem = path_problem(os.path.abspath(getattr(args, name) or ""))
-        if getattr(args, name) and problem:
-            raise TrainingError(f"{flag(name)} {getattr(args, name)}: {problem}")
+        path = getattr(args, name)
+        if path and (why := path_problem(path)):
+            raise TrainingError(f"{flag(name)} {path}: {why}")
     if os.path.islink(args.workdir) and not os.path.exists(args.workdir):
         raise TrainingError(f"--workdir {args.workdir}: a symbolic link to {os.readlink(args.workdir)}, "
                             f"which does not exist: create that folder first")
