@@ -92,6 +92,8 @@ def test_a_workdir_given_with_dot_segments_loads_and_convert_warns_of_damage(tmp
     for damage: every step skipped, nothing restored). `dsv2 convert` of a workdir whose newest
     step is damaged says which step it exported and why the newer one was skipped (its
     library-warning filter had swallowed the line)."""
+    import warnings
+
     import jax
 
     from dsv2_jax import from_pretrained
@@ -105,8 +107,6 @@ def test_a_workdir_given_with_dot_segments_loads_and_convert_warns_of_damage(tmp
     monkeypatch.chdir(tmp_path)
     assert probe("./run/checkpoints/2/state") is None
     want = jax.tree.leaves(params_of(from_pretrained(wd)))
-    import warnings
-
     for path in ("./run", "run/", "x/../run", str(tmp_path / "x" / ".." / "run")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no step reported damaged
